@@ -1,0 +1,180 @@
+"""pytest glue for the lvmopstools fault-injection toolkit.
+
+Registered under the ``pytest11`` entry point ``lvmopstools``, so a downstream
+repository enables it with ``pytest -p lvmopstools`` (or gets it automatically
+when plugin auto-loading is on).
+
+The plugin is inert until a test asks for something: it adds options, markers
+and fixtures, and patches nothing and starts nothing for a test that uses none
+of them. The toolkit itself is imported inside the fixtures, so loading the
+plugin costs one small import.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+__all__: list[str] = []
+
+AMQP_URL_ENV = "LVM_AMQP_URL"
+#: When set (CI sets it), a missing RabbitMQ fails the real-broker tests
+#: instead of skipping them.
+REQUIRE_RABBITMQ_ENV = "LVM_REQUIRE_RABBITMQ"
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    """Load pytest-asyncio, which the fixtures need, if nobody loaded it.
+
+    Under ``PYTEST_DISABLE_PLUGIN_AUTOLOAD=1``, ``pytest -p lvmopstools`` would
+    otherwise run without it. An explicit ``-p no:asyncio`` is respected.
+    """
+    if pluginmanager.is_blocked("asyncio") or pluginmanager.has_plugin("asyncio"):
+        return
+
+    import pytest_asyncio.plugin
+
+    if not pluginmanager.is_registered(pytest_asyncio.plugin):
+        pluginmanager.register(pytest_asyncio.plugin, "asyncio")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Add the ``--lvm-*`` options and ini settings."""
+    group = parser.getgroup("lvmopstools", "lvmopstools fault-injection toolkit")
+    group.addoption(
+        "--lvm-amqp-url",
+        dest="lvm_amqp_url",
+        default=None,
+        help=(
+            "Run broker-facing tests against this AMQP URL (a real RabbitMQ) "
+            f"instead of the in-process mock broker. Also read from ${AMQP_URL_ENV} "
+            "and the lvm_amqp_url ini setting."
+        ),
+    )
+    parser.addini(
+        "lvm_amqp_url",
+        "AMQP URL of a real broker for broker-facing tests (see --lvm-amqp-url).",
+        default="",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the markers."""
+    config.addinivalue_line(
+        "markers",
+        "virtual_clock(**kwargs): run the test and its fixtures in virtual time "
+        "(keyword arguments go to lvmopstools.testing.VirtualClock)",
+    )
+
+
+def lvm_amqp_url(config: pytest.Config) -> str | None:
+    """Return the real broker URL configured for this run, or None for the mock.
+
+    The command-line option wins over the environment variable, which wins over
+    the ini setting.
+    """
+    url: str | None = config.getoption("lvm_amqp_url")
+    if url:
+        return url
+
+    url = os.environ.get(AMQP_URL_ENV) or str(config.getini("lvm_amqp_url"))
+    return url or None
+
+
+# --- virtual clock -------------------------------------------------------------
+
+import pytest_asyncio  # noqa: E402 (kept in this section, which owns it)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from lvmopstools.testing.clock import VirtualClock
+
+VIRTUAL_CLOCK_MARKER = "virtual_clock"
+
+
+@pytest.hookimpl(specname="pytest_collection_modifyitems")
+def _virtual_clock_first(items: list[pytest.Item]) -> None:
+    """Make tests marked ``virtual_clock`` request the fixture first.
+
+    The fixture then starts before every other function-scoped fixture of the
+    test, so those run in virtual time too. Unmarked tests are not touched.
+    """
+    for item in items:
+        if item.get_closest_marker(VIRTUAL_CLOCK_MARKER) is None:
+            continue
+
+        names = getattr(item, "fixturenames", None)
+        if not isinstance(names, list):
+            continue
+        if VIRTUAL_CLOCK_MARKER in names:
+            names.remove(VIRTUAL_CLOCK_MARKER)
+        names.insert(0, VIRTUAL_CLOCK_MARKER)
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def virtual_clock(request: pytest.FixtureRequest) -> AsyncIterator[VirtualClock]:
+    """An active :class:`~lvmopstools.testing.VirtualClock` for the test.
+
+    The clock runs on the test's event loop from this fixture's setup to its
+    teardown, so the test body and the function-scoped async fixtures set up
+    after it run in virtual time. The keyword arguments of a
+    ``@pytest.mark.virtual_clock(...)`` marker go to the clock. The clock is
+    stopped and every patched function restored at teardown, even when the
+    test failed.
+    """
+    from lvmopstools.testing.clock import VirtualClock
+
+    marker = request.node.get_closest_marker(VIRTUAL_CLOCK_MARKER)
+    kwargs = dict(marker.kwargs) if marker is not None else {}
+    if marker is not None and marker.args:
+        msg = (
+            f"@pytest.mark.virtual_clock takes keyword arguments only (those of "
+            f"VirtualClock), got positional {marker.args!r}."
+        )
+        raise pytest.UsageError(msg)
+
+    async with VirtualClock(**kwargs) as clock:
+        yield clock
+
+
+# --- fake devices and fault proxies ---------------------------------------------
+
+
+# --- AMQP brokers ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url(pytestconfig: pytest.Config) -> Iterator[str]:
+    """The URL of a real RabbitMQ broker, for the real half of the contract tests.
+
+    When ``--lvm-amqp-url`` (or ``$LVM_AMQP_URL``, or the ``lvm_amqp_url`` ini
+    setting) names a broker, that broker is used as it is. Otherwise a
+    throwaway node of Debian's ``rabbitmq-server`` is started once for the
+    session (about ten seconds) on free loopback ports in a temporary folder,
+    and stopped at the end of the session. Tests that use this fixture are
+    skipped, with the command that installs RabbitMQ, when it is not installed.
+    """
+    configured = lvm_amqp_url(pytestconfig)
+    if configured:
+        yield configured
+        return
+
+    from lvmopstools.testing.amqp.rabbitmq import (
+        INSTALL_HINT,
+        RabbitMQNode,
+        find_rabbitmq_server,
+    )
+
+    if find_rabbitmq_server() is None:
+        if os.environ.get(REQUIRE_RABBITMQ_ENV):
+            pytest.fail(f"${REQUIRE_RABBITMQ_ENV} is set but {INSTALL_HINT}")
+        pytest.skip(INSTALL_HINT)
+
+    with RabbitMQNode() as node:
+        yield node.url
