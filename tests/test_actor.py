@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -522,4 +523,64 @@ async def test_restart_exit_stops_cleanly_and_exits_1(
     assert exit_info.value.code == 1
     assert not actor.is_connected()
     assert check_loops(actor) == []
+    await recorder.wait_for(["RUNNING", "RESTARTING"])
+
+
+EXIT_ACTOR = """
+import asyncio
+import sys
+
+from lvmopstools.actor import CheckError, LVMActor
+
+
+class StuckActor(LVMActor):
+    async def _check_internal(self):
+        raise CheckError("stuck")
+
+    async def _troubleshoot_internal(self, error_code, exception=None):
+        return False
+
+
+async def main():
+    actor = StuckActor(
+        name=sys.argv[2],
+        url=sys.argv[1],
+        check_interval=0.01,
+        restart_after=0.05,
+        restart_mode="exit",
+    )
+    await actor.start()
+    await actor.run_forever()
+
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.asyncio
+async def test_exit_restart_from_the_check_loop_ends_the_process(
+    rabbitmq_url: str, client: AMQPClient, tmp_path: Any
+) -> None:
+    script = tmp_path / "stuck_actor.py"
+    script.write_text(EXIT_ACTOR)
+    name = unique("stuck")
+    recorder = StateRecorder(client, name)
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        rabbitmq_url,
+        name,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with asyncio.timeout(WAIT):
+            returncode = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    assert returncode == 1
     await recorder.wait_for(["RUNNING", "RESTARTING"])
