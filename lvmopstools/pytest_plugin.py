@@ -98,8 +98,7 @@ if TYPE_CHECKING:
 VIRTUAL_CLOCK_MARKER = "virtual_clock"
 
 
-@pytest.hookimpl(specname="pytest_collection_modifyitems")
-def _virtual_clock_first(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Make tests marked ``virtual_clock`` request the fixture first.
 
     The fixture then starts before every other function-scoped fixture of the
@@ -178,3 +177,51 @@ def rabbitmq_url(pytestconfig: pytest.Config) -> Iterator[str]:
 
     with RabbitMQNode() as node:
         yield node.url
+
+
+# The AMQP section's own imports (pytest_asyncio comes from the clock section).
+if TYPE_CHECKING:
+    from lvmopstools.testing.amqp import MockBroker
+    from lvmopstools.testing.amqp.external import ExternalBroker
+
+
+@pytest_asyncio.fixture
+async def mock_amqp_broker() -> AsyncIterator[MockBroker]:
+    """A started in-process :class:`~lvmopstools.testing.amqp.MockBroker`.
+
+    Always the mock, even under ``--lvm-amqp-url``: use it for tests that
+    inject faults or read the message log. It listens on 127.0.0.1 on a free
+    port; on teardown (also when the test failed) it closes every client
+    connection, its listening socket and its timers.
+    """
+    from lvmopstools.testing.amqp import MockBroker
+
+    async with MockBroker() as broker:
+        yield broker
+
+
+@pytest_asyncio.fixture
+async def amqp_broker(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[MockBroker | ExternalBroker]:
+    """An AMQP broker for a test: the in-process mock, or a real RabbitMQ.
+
+    By default this is a started :class:`~lvmopstools.testing.amqp.MockBroker`
+    (see ``mock_amqp_broker``). When ``--lvm-amqp-url``, ``$LVM_AMQP_URL`` or
+    the ``lvm_amqp_url`` ini setting names a real broker, it is an
+    :class:`~lvmopstools.testing.amqp.external.ExternalBroker` with the same
+    ``url`` and ``is_mock`` attributes, whose mock-only features (faults,
+    message log) raise NotImplementedError naming the feature. The real
+    broker is used as it is: it is not started, stopped or cleaned.
+    """
+    url = lvm_amqp_url(request.config)
+    if url:
+        from lvmopstools.testing.amqp.external import ExternalBroker
+
+        yield ExternalBroker(url)
+        return
+
+    from lvmopstools.testing.amqp import MockBroker
+
+    async with MockBroker() as broker:
+        yield broker

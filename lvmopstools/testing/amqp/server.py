@@ -1,0 +1,611 @@
+"""MockBroker: an in-process AMQP 0-9-1 broker on loopback, for tests.
+
+``async with MockBroker() as broker:`` listens on 127.0.0.1 on a free port;
+unmodified aio_pika, aiormq and clu clients connect to ``broker.url`` exactly
+as they connect to RabbitMQ. The broker routes messages, records every
+publish (:meth:`MockBroker.messages`, :meth:`MockBroker.replies`,
+:meth:`MockBroker.wait_for_message`) and fails on demand
+(:meth:`MockBroker.inject` with a fault from
+:mod:`lvmopstools.testing.amqp.faults`).
+
+What it does not simulate: more than one virtual host, users other than the
+configured one, persistence across restarts (a restart loses every queue and
+exchange, as a RabbitMQ node without durable state does), memory and disk
+alarms, TLS, and the RabbitMQ management API. See the ``model``, ``channel``
+and ``connection`` modules for the protocol features left out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from pamqp import commands
+
+from ..clock import current_clock, register_owned_address
+from .faults import (
+    CloseChannel,
+    DelayMessages,
+    DropConnections,
+    DropMessages,
+    DuplicateMessages,
+    Fault,
+    MessageRule,
+    NackConfirms,
+    RefuseConnections,
+    RestartBroker,
+    WithholdConfirms,
+)
+from .model import AMQPError, BrokerState, Envelope, Message, topic_matches
+from .records import CluReply, PublishedMessage
+
+if TYPE_CHECKING:
+    from .channel import Channel
+    from .connection import BrokerConnection
+
+__all__ = ["FaultHandle", "MockBroker"]
+
+log = logging.getLogger(__name__)
+
+_PROPERTY_NAMES = tuple(commands.Basic.Properties.__slots__)
+
+
+@dataclass(eq=False)
+class FaultHandle:
+    """A message rule in force on a broker.
+
+    Parameters
+    ----------
+    fault
+        The rule.
+    hits
+        How many messages it has acted on.
+    """
+
+    fault: MessageRule
+    hits: int = 0
+    active: bool = True
+    _rules: list[FaultHandle] = field(default_factory=list, repr=False)
+
+    def remove(self) -> None:
+        """Stop the rule (idempotent)."""
+        self.active = False
+        if self in self._rules:
+            self._rules.remove(self)
+
+
+class MockBroker:
+    """An in-process AMQP 0-9-1 broker on loopback.
+
+    Parameters
+    ----------
+    host
+        The address to listen on; loopback by default.
+    port
+        The port; 0 picks a free one (kept across restarts).
+    user
+        The only accepted user name (PLAIN authentication).
+    password
+        Its password; wrong credentials get 403 ACCESS_REFUSED.
+    vhost
+        The only virtual host; others get 530 NOT_ALLOWED.
+    heartbeat
+        The heartbeat interval the broker proposes, in seconds (0 disables).
+    frame_max
+        The largest frame the broker proposes, in bytes.
+    channel_max
+        The highest channel number the broker proposes.
+
+    Attributes
+    ----------
+    is_mock
+        Always True; :class:`~lvmopstools.testing.amqp.external.ExternalBroker`
+        (a real broker behind the same interface) has False.
+
+    Examples
+    --------
+    >>> async with MockBroker() as broker:          # doctest: +SKIP
+    ...     connection = await aio_pika.connect_robust(broker.url)
+
+    .. note::
+        The broker runs on the event loop that starts it, and its timers
+        (heartbeats, delays, downtime) follow ``loop.time()``, so they run in
+        virtual time under a :class:`~lvmopstools.testing.VirtualClock`.
+    """
+
+    is_mock = True
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        user: str = "guest",
+        password: str = "guest",
+        vhost: str = "/",
+        heartbeat: int = 60,
+        frame_max: int = 131072,
+        channel_max: int = 2047,
+    ) -> None:
+        for name, value, low in (
+            ("port", port, 0),
+            ("heartbeat", heartbeat, 0),
+            ("frame_max", frame_max, 4096),
+            ("channel_max", channel_max, 1),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                msg = f"{name} must be an integer >= {low}, got {value!r}"
+                raise ValueError(msg)
+
+        self.host = host
+        self.user = user
+        self.password = password
+        self.vhost = vhost
+        self.heartbeat = heartbeat
+        self.frame_max = frame_max
+        self.channel_max = channel_max
+        self.state = BrokerState(vhost)
+
+        self._port = port
+        self._server: asyncio.Server | None = None
+        self._connections: list[BrokerConnection] = []
+        self._records: list[PublishedMessage] = []
+        self._waiters: list[tuple[Callable[[PublishedMessage], bool], Any]] = []
+        self._rules: list[FaultHandle] = []
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._unregister: Callable[[], None] | None = None
+        self._lost: asyncio.Event | None = None
+        self._started = False
+
+    # --- life cycle ---
+
+    async def __aenter__(self) -> MockBroker:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def port(self) -> int:
+        """The listening port (0 before the first start)."""
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """The ``amqp://`` URL, with credentials, that clients connect to."""
+        if not self._port:
+            msg = "the broker has no port yet; start it first (async with MockBroker())"
+            raise RuntimeError(msg)
+        vhost = "" if self.vhost == "/" else self.vhost.replace("/", "%2F")
+        return f"amqp://{self.user}:{self.password}@{self.host}:{self._port}/{vhost}"
+
+    @property
+    def is_running(self) -> bool:
+        """Whether the broker accepts connections."""
+        return self._server is not None
+
+    async def start(self) -> None:
+        """Listen for connections (on the same port after a stop)."""
+        if self._started:
+            msg = "the broker is already started; stop it before starting it again"
+            raise RuntimeError(msg)
+        self._started = True
+        await self._listen()
+        log.info("mock broker listening on %s:%d", self.host, self._port)
+
+    async def stop(self) -> None:
+        """Close every connection and the listening socket, and cancel timers.
+
+        Open connections get ``connection.close`` 320 CONNECTION_FORCED, as
+        from a RabbitMQ node shutting down. Queues and exchanges are lost.
+        """
+        if not self._started:
+            return
+        self._started = False
+        self._close_listener()
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+        self._drop(
+            None, "close", "broker forced connection closure with reason 'shutdown'"
+        )
+        await self._wait_connections_lost()
+        self.state = BrokerState(self.vhost)
+        if self._unregister is not None:
+            self._unregister()
+            self._unregister = None
+        log.info("mock broker on port %d stopped", self._port)
+
+    async def restart(self, downtime: float = 0.0) -> None:
+        """Stop, wait ``downtime`` seconds (loop time), and start on the same port."""
+        await self.stop()
+        if downtime:
+            await asyncio.sleep(downtime)
+        await self.start()
+
+    async def _listen(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._protocol, self.host, self._port, reuse_address=True
+        )
+        self._port = self._server.sockets[0].getsockname()[1]
+        if self._unregister is None:
+            self._unregister = register_owned_address(self.host, self._port)
+
+    def _protocol(self) -> asyncio.Protocol:
+        from .connection import BrokerConnection
+
+        return BrokerConnection(self)
+
+    def _close_listener(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    async def _wait_connections_lost(self) -> None:
+        if not self._connections:
+            return
+        self._lost = asyncio.Event()
+        try:
+            async with asyncio.timeout(2.0):
+                await self._lost.wait()
+        except TimeoutError:
+            log.debug("forcing %d connections closed", len(self._connections))
+            for connection in list(self._connections):
+                connection.reset()
+        finally:
+            self._lost = None
+
+    def _connection_made(self, connection: BrokerConnection) -> None:
+        self._connections.append(connection)
+
+    def _connection_lost(self, connection: BrokerConnection) -> None:
+        if connection in self._connections:
+            self._connections.remove(connection)
+        if not self._connections and self._lost is not None:
+            self._lost.set()
+
+    # --- observability ---
+
+    @property
+    def connections(self) -> list[str]:
+        """The open client connections, as ``"host:port"`` of each client socket."""
+        return [c.peer for c in self._connections]
+
+    def messages(
+        self,
+        routing_key: str | None = None,
+        *,
+        exchange: str | None = None,
+    ) -> list[PublishedMessage]:
+        """Return the recorded messages, oldest first.
+
+        Parameters
+        ----------
+        routing_key
+            A topic pattern (``*`` one word, ``#`` any number) the routing key
+            must match; None for all.
+        exchange
+            Only messages published to this exchange; None for all.
+        """
+        return [
+            record
+            for record in self._records
+            if (exchange is None or record.exchange == exchange)
+            and (routing_key is None or topic_matches(routing_key, record.routing_key))
+        ]
+
+    def replies(
+        self,
+        sender: str | None = None,
+        *,
+        message_code: str | None = None,
+        keyword: str | None = None,
+    ) -> list[CluReply]:
+        """Return the clu replies published so far, oldest first.
+
+        Parameters
+        ----------
+        sender
+            Only replies from this actor.
+        message_code
+            Only replies with this clu message code (``":"``, ``"i"``...).
+        keyword
+            Only replies that carry this keyword.
+        """
+        found = []
+        for record in self._records:
+            reply = record.clu_reply()
+            if reply is None:
+                continue
+            if sender is not None and reply.sender != sender:
+                continue
+            if message_code is not None and reply.message_code != message_code:
+                continue
+            if keyword is not None and keyword not in reply.keywords:
+                continue
+            found.append(reply)
+        return found
+
+    def clear_records(self) -> None:
+        """Forget the recorded messages."""
+        self._records.clear()
+
+    async def wait_for_message(
+        self,
+        predicate: Callable[[PublishedMessage], bool] | None = None,
+        *,
+        timeout: float = 5.0,  # noqa: ASYNC109 - a per-call bound reads best here
+        past: bool = True,
+    ) -> PublishedMessage:
+        """Wait until a published message satisfies ``predicate`` and return it.
+
+        Parameters
+        ----------
+        predicate
+            A test on each :class:`PublishedMessage`; None accepts any.
+        timeout
+            Seconds (loop time) to wait.
+        past
+            Whether a message recorded before the call counts.
+
+        Raises
+        ------
+        TimeoutError
+            If no such message arrives within ``timeout``.
+        """
+        test = predicate or (lambda _: True)
+        if past:
+            for record in self._records:
+                if test(record):
+                    return record
+
+        future: asyncio.Future[PublishedMessage] = (
+            asyncio.get_running_loop().create_future()
+        )
+        waiter = (test, future)
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            msg = (
+                f"no published message matched {predicate!r} within {timeout} s; "
+                f"{len(self._records)} messages were recorded (see .messages())"
+            )
+            raise TimeoutError(msg) from None
+        finally:
+            self._waiters.remove(waiter)
+
+    async def wait_for_reply(
+        self,
+        predicate: Callable[[CluReply], bool],
+        *,
+        timeout: float = 5.0,  # noqa: ASYNC109 - a per-call bound reads best here
+        past: bool = True,
+    ) -> CluReply:
+        """Wait until a clu reply satisfies ``predicate`` and return it.
+
+        Raises
+        ------
+        TimeoutError
+            If no such reply arrives within ``timeout``.
+        """
+
+        def test(record: PublishedMessage) -> bool:
+            reply = record.clu_reply()
+            return reply is not None and predicate(reply)
+
+        record = await self.wait_for_message(test, timeout=timeout, past=past)
+        reply = record.clu_reply()
+        assert reply is not None
+        return reply
+
+    def _record(self, record: PublishedMessage) -> None:
+        self._records.append(record)
+        for test, future in list(self._waiters):
+            if not future.done() and test(record):
+                future.set_result(record)
+
+    # --- faults ---
+
+    async def inject(self, fault: Fault) -> FaultHandle | None:
+        """Apply a fault; return a handle for message rules, None for actions.
+
+        Actions (:class:`RestartBroker`, :class:`DropConnections`,
+        :class:`RefuseConnections`, :class:`CloseChannel`) act at once;
+        ``RestartBroker`` returns when the broker is back. Message rules stay
+        in force until their ``count`` is used up or the handle is removed.
+
+        Raises
+        ------
+        TypeError
+            If ``fault`` is not one of the broker faults.
+        """
+        if isinstance(fault, MessageRule):
+            handle = FaultHandle(fault, _rules=self._rules)
+            self._rules.append(handle)
+            return handle
+
+        if isinstance(fault, RestartBroker):
+            await self.restart(fault.downtime)
+        elif isinstance(fault, DropConnections):
+            self._drop(fault.count, fault.mode, "closed by a DropConnections fault")
+        elif isinstance(fault, RefuseConnections):
+            self._refuse(fault.duration)
+        elif isinstance(fault, CloseChannel):
+            self._close_channels(fault)
+        else:
+            msg = (
+                f"{fault!r} is not a broker fault; use one from "
+                "lvmopstools.testing.amqp.faults"
+            )
+            raise TypeError(msg)
+        return None
+
+    def clear_faults(self) -> None:
+        """Remove every message rule."""
+        for handle in list(self._rules):
+            handle.remove()
+
+    def _drop(self, count: int | None, mode: str, reason: str) -> None:
+        victims = self._connections[:count] if count is not None else self._connections
+        for connection in list(victims):
+            if mode == "reset":
+                connection.reset()
+            else:
+                connection.fail(AMQPError(320, reason))
+                connection.close_transport()
+
+    def _refuse(self, duration: float) -> None:
+        if self._server is None:
+            return
+        self._close_listener()
+        loop = asyncio.get_running_loop()
+
+        def reopen() -> None:
+            self._timers.discard(timer)
+            task = loop.create_task(self._listen())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        timer = loop.call_later(duration, reopen)
+        self._timers.add(timer)
+
+    def _close_channels(self, fault: CloseChannel) -> None:
+        for connection in list(self._connections):
+            for number, channel in list(connection.channels.items()):
+                if fault.queue is not None and not any(
+                    c.queue.name == fault.queue for c in channel.consumers.values()
+                ):
+                    continue
+                err = AMQPError(fault.code, "closed by a CloseChannel fault")
+                err.text = fault.text
+                connection.close_channel(number, err, None)
+
+    def _matching(self, message: Message) -> list[FaultHandle]:
+        hits = []
+        for handle in list(self._rules):
+            rule = handle.fault
+            if rule.exchange is not None and rule.exchange != message.exchange:
+                continue
+            if not topic_matches(rule.pattern, message.routing_key):
+                continue
+            handle.hits += 1
+            if rule.count is not None and handle.hits >= rule.count:
+                handle.remove()
+            hits.append(handle)
+        return hits
+
+    # --- publishing ---
+
+    def _published(self, channel: Channel, method: Any, message: Message) -> None:
+        seq = channel.next_confirm()
+        rules = (
+            {type(h.fault): h.fault for h in self._matching(message)}
+            if self._rules
+            else {}
+        )
+        fault = next(iter(rules.values())).kind if rules else None
+
+        def confirm(ok: bool) -> None:
+            if seq is None or WithholdConfirms in rules or not channel.is_open:
+                return
+            frame = (
+                commands.Basic.Ack(seq)
+                if ok
+                else commands.Basic.Nack(seq, requeue=False)
+            )
+            channel.send(frame)
+
+        def route(copies: int) -> tuple[str, ...]:
+            queues = self.state.route(message.exchange, message.routing_key)
+            for _ in range(copies):
+                for queue in queues:
+                    queue.messages.append(Envelope(message))
+                    queue.dispatch()
+            if not queues and method.mandatory and channel.is_open:
+                returned = commands.Basic.Return(
+                    312, "NO_ROUTE", message.exchange, message.routing_key
+                )
+                channel.connection.send_content(channel.number, returned, message)
+            return tuple(q.name for q in queues)
+
+        routed: tuple[str, ...] = ()
+        if NackConfirms in rules:
+            confirm(False)
+        elif DropMessages in rules:
+            confirm(True)
+        elif DelayMessages in rules:
+            rule = rules[DelayMessages]
+            assert isinstance(rule, DelayMessages)
+
+            def _route_then_confirm() -> None:
+                route(1)
+                confirm(True)
+
+            self._later(rule.delay, _route_then_confirm)
+        else:
+            duplicate = rules.get(DuplicateMessages)
+            copies = (
+                1 + duplicate.copies if isinstance(duplicate, DuplicateMessages) else 1
+            )
+            routed = route(copies)
+            confirm(True)
+
+        self._record(self._make_record(channel, message, routed, fault))
+
+    def _later(self, delay: float, callback: Callable[[], object]) -> None:
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            self._timers.discard(timer)
+            callback()
+
+        timer = loop.call_later(delay, fire)
+        self._timers.add(timer)
+
+    def _make_record(
+        self,
+        channel: Channel,
+        message: Message,
+        routed: tuple[str, ...],
+        fault: str | None,
+    ) -> PublishedMessage:
+        props = message.properties
+        properties = {}
+        for name in _PROPERTY_NAMES:
+            value = getattr(props, name, None)
+            if value not in (None, "") and name != "headers":
+                properties[name] = value
+
+        clock = current_clock()
+        return PublishedMessage(
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+            body=message.body,
+            headers=dict(props.headers or {}),
+            properties=properties,
+            loop_time=asyncio.get_running_loop().time(),
+            virtual_time=clock.time() if clock is not None else None,
+            connection=channel.connection.peer,
+            channel=channel.number,
+            routed_to=routed,
+            fault=fault,
+        )

@@ -1,0 +1,620 @@
+"""Faults and triggers for :class:`FlakyServer` and :class:`FaultProxy`, as data.
+
+Every fault is a small frozen dataclass with a stable ``kind`` name and
+plain-typed fields, so that a scenario file can describe it; the same goes for
+the trigger that says when it applies. Nothing here does any I/O: the server
+and the proxy read these records and act on them.
+
+A fault has a *scope*, which says when its trigger is consulted:
+
+``listener``
+    While the trigger holds, the listening port is closed
+    (:class:`RefuseConnections`).
+``connection``
+    Once per accepted connection; when the trigger fires, the fault applies to
+    that connection for its whole life (:class:`CloseOnAccept`,
+    :class:`Blackhole`, :class:`CloseAfterBytes`, :class:`SlowClose`).
+``data``
+    Once per request (upstream) or reply (downstream) in the fault's direction
+    (:class:`Latency`, :class:`Bandwidth`, :class:`Slice`).
+``reply``
+    Once per reply (:class:`PartialReply`, :class:`CorruptReply`,
+    :class:`WrongReply`, :class:`StopAnswering`).
+
+For :class:`FaultProxy`, which does not know the protocol it carries, each
+chunk of bytes read from one side counts as one request (client side) or one
+reply (server side).
+
+What this does not model: faults below TCP (packet loss, reordering,
+duplicated segments, MTU effects), TLS, and UDP.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+__all__ = [
+    "AfterN",
+    "Always",
+    "Bandwidth",
+    "Blackhole",
+    "CloseAfterBytes",
+    "CloseOnAccept",
+    "CorruptReply",
+    "Direction",
+    "EveryKth",
+    "Fault",
+    "FirstN",
+    "Latency",
+    "Matches",
+    "PartialReply",
+    "Probability",
+    "RefuseConnections",
+    "Scope",
+    "Slice",
+    "SlowClose",
+    "StopAnswering",
+    "TimeWindow",
+    "Trigger",
+    "WrongReply",
+]
+
+Direction = Literal["upstream", "downstream", "both"]
+Scope = Literal["listener", "connection", "data", "reply"]
+
+_DIRECTIONS = ("upstream", "downstream", "both")
+
+
+def _check_number(owner: str, name: str, value: object, *, positive: bool) -> None:
+    """Raise if ``value`` is not a real number that is >= 0 (or > 0)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        msg = f"{owner}: {name} must be a number of seconds or bytes, got {value!r}"
+        raise TypeError(msg)
+
+    if positive and not value > 0:
+        msg = f"{owner}: {name} must be greater than 0, got {value!r}; pass a positive value"
+        raise ValueError(msg)
+
+    if not positive and not value >= 0:
+        msg = f"{owner}: {name} must be 0 or more, got {value!r}; pass a non-negative value"
+        raise ValueError(msg)
+
+
+def _check_count(owner: str, name: str, value: object, *, minimum: int) -> None:
+    """Raise if ``value`` is not an integer of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        msg = f"{owner}: {name} must be an integer, got {value!r}"
+        raise TypeError(msg)
+
+    if value < minimum:
+        msg = f"{owner}: {name} must be at least {minimum}, got {value!r}"
+        raise ValueError(msg)
+
+
+def _check_direction(owner: str, value: object) -> None:
+    """Raise if ``value`` is not one of the three directions."""
+    if value not in _DIRECTIONS:
+        msg = (
+            f"{owner}: direction must be one of {', '.join(map(repr, _DIRECTIONS))}, "
+            f"got {value!r}"
+        )
+        raise ValueError(msg)
+
+
+# --- triggers -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """Base class of the rules that say when a fault applies.
+
+    The server or proxy counts, per fault, the occasions on which the trigger
+    was consulted (see the module docstring for what an occasion is); the
+    count starts at 1.
+    """
+
+    kind: ClassVar[str] = "trigger"
+
+
+@dataclass(frozen=True)
+class Always(Trigger):
+    """Apply on every occasion (the default trigger)."""
+
+    kind: ClassVar[str] = "always"
+
+
+@dataclass(frozen=True)
+class FirstN(Trigger):
+    """Apply on the first ``count`` occasions only.
+
+    Parameters
+    ----------
+    count
+        How many occasions (connections, requests or replies) to affect.
+    """
+
+    kind: ClassVar[str] = "first"
+    count: int
+
+    def __post_init__(self) -> None:
+        _check_count("FirstN", "count", self.count, minimum=1)
+
+
+@dataclass(frozen=True)
+class AfterN(Trigger):
+    """Apply on every occasion after the first ``count`` ones.
+
+    Parameters
+    ----------
+    count
+        How many occasions to let through unaffected first.
+    """
+
+    kind: ClassVar[str] = "after"
+    count: int
+
+    def __post_init__(self) -> None:
+        _check_count("AfterN", "count", self.count, minimum=0)
+
+
+@dataclass(frozen=True)
+class EveryKth(Trigger):
+    """Apply on the ``k``-th, ``2k``-th, ... occasions.
+
+    Parameters
+    ----------
+    k
+        The period; ``EveryKth(1)`` is the same as :class:`Always`.
+    """
+
+    kind: ClassVar[str] = "every"
+    k: int
+
+    def __post_init__(self) -> None:
+        _check_count("EveryKth", "k", self.k, minimum=1)
+
+
+@dataclass(frozen=True)
+class TimeWindow(Trigger):
+    """Apply from ``start`` to ``end`` seconds after the server or proxy opened.
+
+    Times are read from the event loop, so they are virtual seconds when a
+    :class:`~lvmopstools.testing.clock.VirtualClock` is active.
+
+    Parameters
+    ----------
+    start
+        Seconds after opening at which the window opens (inclusive).
+    end
+        Seconds after opening at which the window closes (exclusive), or
+        None for a window that never closes.
+    """
+
+    kind: ClassVar[str] = "window"
+    start: float = 0.0
+    end: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_number("TimeWindow", "start", self.start, positive=False)
+        if self.end is not None:
+            _check_number("TimeWindow", "end", self.end, positive=False)
+            if self.end <= self.start:
+                msg = (
+                    f"TimeWindow: end ({self.end!r}) must be after start "
+                    f"({self.start!r}); use end=None for a window that stays open"
+                )
+                raise ValueError(msg)
+
+    def contains(self, elapsed: float) -> bool:
+        """Return True if ``elapsed`` seconds after opening is inside the window."""
+        return self.start <= elapsed and (self.end is None or elapsed < self.end)
+
+
+@dataclass(frozen=True)
+class Probability(Trigger):
+    """Apply on each occasion with probability ``p``, from a seeded RNG.
+
+    Parameters
+    ----------
+    p
+        The probability, from 0 to 1.
+    seed
+        Seed of the random generator (one generator per active fault), so a
+        run is reproducible.
+    """
+
+    kind: ClassVar[str] = "probability"
+    p: float
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_number("Probability", "p", self.p, positive=False)
+        if self.p > 1:
+            msg = f"Probability: p must be between 0 and 1, got {self.p!r}"
+            raise ValueError(msg)
+        _check_count("Probability", "seed", self.seed, minimum=-(2**63))
+
+
+@dataclass(frozen=True)
+class Matches(Trigger):
+    """Apply when the request matches a regular expression.
+
+    The pattern is searched (:func:`re.search`) in the request bytes. Only
+    faults with the ``data`` or ``reply`` scope see a request; for a
+    downstream fault it is the request being answered (for the proxy: the last
+    chunk the client sent on that connection).
+
+    Parameters
+    ----------
+    pattern
+        A bytes regular expression.
+    """
+
+    kind: ClassVar[str] = "match"
+    pattern: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, bytes):
+            msg = (
+                f"Matches: pattern must be a bytes regular expression, got "
+                f"{self.pattern!r}; write it as b'...'"
+            )
+            raise TypeError(msg)
+        try:
+            re.compile(self.pattern)
+        except re.error as exc:
+            msg = f"Matches: pattern {self.pattern!r} is not a valid regular expression: {exc}"
+            raise ValueError(msg) from exc
+
+
+# --- faults ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Base class of all faults.
+
+    Parameters
+    ----------
+    trigger
+        When the fault applies (keyword only); :class:`Always` by default.
+    """
+
+    kind: ClassVar[str] = "fault"
+    scope: ClassVar[Scope] = "reply"
+    allowed_triggers: ClassVar[tuple[type[Trigger], ...] | None] = None
+
+    trigger: Trigger = field(default_factory=Always, kw_only=True)
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if not isinstance(self.trigger, Trigger):
+            msg = f"{name}: trigger must be a Trigger (Always(), FirstN(2), ...), got {self.trigger!r}"
+            raise TypeError(msg)
+
+        allowed = self.allowed_triggers
+        if allowed is not None and not isinstance(self.trigger, allowed):
+            names = ", ".join(t.__name__ for t in allowed)
+            msg = f"{name} supports only these triggers: {names}; got {self.trigger!r}"
+            raise NotImplementedError(msg)
+
+        if isinstance(self.trigger, Matches) and self.scope not in ("data", "reply"):
+            msg = (
+                f"{name}: a Matches trigger needs a request to look at, but this "
+                f"fault applies per {self.scope}; use a count, time or "
+                "probability trigger instead"
+            )
+            raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class RefuseConnections(Fault):
+    """Close the listening port, so that connecting fails with ECONNREFUSED.
+
+    The same port is opened again when the fault is removed or its time
+    window ends. Connections already established are left alone.
+
+    .. note::
+        Refused attempts never reach the server, so they cannot be counted:
+        only :class:`Always` and :class:`TimeWindow` triggers are supported
+        (other triggers raise NotImplementedError).
+    """
+
+    kind: ClassVar[str] = "refuse"
+    scope: ClassVar[Scope] = "listener"
+    allowed_triggers: ClassVar[tuple[type[Trigger], ...] | None] = (Always, TimeWindow)
+
+
+@dataclass(frozen=True)
+class CloseOnAccept(Fault):
+    """Accept a connection and close it at once.
+
+    Parameters
+    ----------
+    reset
+        Close with a TCP reset (RST, via ``SO_LINGER`` 0) instead of a FIN.
+    delay
+        Seconds to wait after accepting before closing.
+    """
+
+    kind: ClassVar[str] = "close_on_accept"
+    scope: ClassVar[Scope] = "connection"
+    reset: bool = False
+    delay: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_number("CloseOnAccept", "delay", self.delay, positive=False)
+
+
+@dataclass(frozen=True)
+class Blackhole(Fault):
+    """Accept a connection, read everything, never answer.
+
+    Parameters
+    ----------
+    close_after
+        Seconds after which to close the connection, or None to keep it open
+        until the client gives up.
+    """
+
+    kind: ClassVar[str] = "blackhole"
+    scope: ClassVar[Scope] = "connection"
+    close_after: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.close_after is not None:
+            _check_number("Blackhole", "close_after", self.close_after, positive=False)
+
+
+@dataclass(frozen=True)
+class CloseAfterBytes(Fault):
+    """Close a connection once ``nbytes`` have passed in ``direction``.
+
+    Parameters
+    ----------
+    nbytes
+        Bytes let through before the connection is closed.
+    direction
+        Which bytes count: ``"upstream"`` (client to server),
+        ``"downstream"`` (server to client) or ``"both"``.
+    reset
+        Close with a TCP reset instead of a FIN.
+    """
+
+    kind: ClassVar[str] = "close_after_bytes"
+    scope: ClassVar[Scope] = "connection"
+    nbytes: int
+    direction: Direction = "downstream"
+    reset: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_count("CloseAfterBytes", "nbytes", self.nbytes, minimum=0)
+        _check_direction("CloseAfterBytes", self.direction)
+
+
+@dataclass(frozen=True)
+class SlowClose(Fault):
+    """Wait ``delay`` seconds before closing a connection that should close.
+
+    Parameters
+    ----------
+    delay
+        Seconds between the moment the connection would close and the close.
+    """
+
+    kind: ClassVar[str] = "slow_close"
+    scope: ClassVar[Scope] = "connection"
+    delay: float
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_number("SlowClose", "delay", self.delay, positive=False)
+
+
+@dataclass(frozen=True)
+class Latency(Fault):
+    """Delay data by ``delay`` seconds, plus or minus ``jitter``.
+
+    Parameters
+    ----------
+    delay
+        Base delay in seconds.
+    jitter
+        Each delay is drawn uniformly from ``delay - jitter`` to
+        ``delay + jitter`` (never below 0) with a generator seeded by ``seed``.
+    direction
+        ``"upstream"``, ``"downstream"`` (the default) or ``"both"``.
+    seed
+        Seed of the jitter generator.
+    """
+
+    kind: ClassVar[str] = "latency"
+    scope: ClassVar[Scope] = "data"
+    delay: float
+    jitter: float = 0.0
+    direction: Direction = "downstream"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_number("Latency", "delay", self.delay, positive=False)
+        _check_number("Latency", "jitter", self.jitter, positive=False)
+        _check_direction("Latency", self.direction)
+
+
+@dataclass(frozen=True)
+class Bandwidth(Fault):
+    """Limit the data rate to ``rate`` bytes per second.
+
+    Parameters
+    ----------
+    rate
+        Bytes per second.
+    direction
+        ``"upstream"``, ``"downstream"`` (the default) or ``"both"``.
+    """
+
+    kind: ClassVar[str] = "bandwidth"
+    scope: ClassVar[Scope] = "data"
+    rate: float
+    direction: Direction = "downstream"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_number("Bandwidth", "rate", self.rate, positive=True)
+        _check_direction("Bandwidth", self.direction)
+
+
+@dataclass(frozen=True)
+class Slice(Fault):
+    """Send data in small chunks with a delay between them.
+
+    Parameters
+    ----------
+    size
+        Average chunk size in bytes.
+    delay
+        Seconds between two chunks.
+    size_variation
+        Each chunk size is drawn uniformly from ``size - size_variation`` to
+        ``size + size_variation`` (at least 1 byte), seeded by ``seed``.
+    direction
+        ``"upstream"``, ``"downstream"`` (the default) or ``"both"``.
+    seed
+        Seed of the size generator.
+    """
+
+    kind: ClassVar[str] = "slice"
+    scope: ClassVar[Scope] = "data"
+    size: int
+    delay: float = 0.0
+    size_variation: int = 0
+    direction: Direction = "downstream"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_count("Slice", "size", self.size, minimum=1)
+        _check_number("Slice", "delay", self.delay, positive=False)
+        _check_count("Slice", "size_variation", self.size_variation, minimum=0)
+        _check_direction("Slice", self.direction)
+
+
+@dataclass(frozen=True)
+class PartialReply(Fault):
+    """Send only the start of a reply, then close the connection.
+
+    Parameters
+    ----------
+    nbytes
+        Bytes of the reply to send; None sends half of it (rounded down).
+    reset
+        Close with a TCP reset instead of a FIN.
+    """
+
+    kind: ClassVar[str] = "partial_reply"
+    scope: ClassVar[Scope] = "reply"
+    nbytes: int | None = None
+    reset: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.nbytes is not None:
+            _check_count("PartialReply", "nbytes", self.nbytes, minimum=0)
+
+
+@dataclass(frozen=True)
+class CorruptReply(Fault):
+    """Replace a reply by garbage, or flip some of its bits.
+
+    The bytes come from the server's (or proxy's) seeded Faker, so a run is
+    reproducible.
+
+    Parameters
+    ----------
+    mode
+        ``"garbage"``: random bytes of the same length (the framing
+        terminator, if the reply ends with one, is kept so the client still
+        reads one reply); ``"flip"``: ``nbytes`` randomly chosen bytes are
+        inverted.
+    nbytes
+        How many bytes to flip in ``"flip"`` mode.
+    """
+
+    kind: ClassVar[str] = "corrupt_reply"
+    scope: ClassVar[Scope] = "reply"
+    mode: Literal["garbage", "flip"] = "garbage"
+    nbytes: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode not in ("garbage", "flip"):
+            msg = f"CorruptReply: mode must be 'garbage' or 'flip', got {self.mode!r}"
+            raise ValueError(msg)
+        _check_count("CorruptReply", "nbytes", self.nbytes, minimum=1)
+
+
+@dataclass(frozen=True)
+class WrongReply(Fault):
+    """Answer with the reply to another request.
+
+    Parameters
+    ----------
+    reply
+        The bytes to send instead; None (the default) sends the previous reply
+        sent on the same connection (nothing, if there was none).
+    """
+
+    kind: ClassVar[str] = "wrong_reply"
+    scope: ClassVar[Scope] = "reply"
+    reply: bytes | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reply is not None and not isinstance(self.reply, bytes):
+            msg = f"WrongReply: reply must be bytes or None, got {self.reply!r}"
+            raise TypeError(msg)
+
+
+@dataclass(frozen=True)
+class StopAnswering(Fault):
+    """From the triggering reply on, the connection answers nothing more.
+
+    The connection stays open and everything the client sends is read and
+    dropped. Combine with :class:`AfterN` for "answers three requests, then
+    goes silent".
+    """
+
+    kind: ClassVar[str] = "stop_answering"
+    scope: ClassVar[Scope] = "reply"
+
+
+FAULT_TYPES: dict[str, type[Fault]] = {
+    cls.kind: cls
+    for cls in (
+        RefuseConnections,
+        CloseOnAccept,
+        Blackhole,
+        CloseAfterBytes,
+        SlowClose,
+        Latency,
+        Bandwidth,
+        Slice,
+        PartialReply,
+        CorruptReply,
+        WrongReply,
+        StopAnswering,
+    )
+}
+"""Fault classes by their ``kind`` name (for scenario loaders)."""
+
+TRIGGER_TYPES: dict[str, type[Trigger]] = {
+    cls.kind: cls
+    for cls in (Always, FirstN, AfterN, EveryKth, TimeWindow, Probability, Matches)
+}
+"""Trigger classes by their ``kind`` name (for scenario loaders)."""
