@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from lvmopstools.actor import ActorState, CheckError, ErrorCodesBase, LVMActor
 from lvmopstools.testing import _clock_io, _clock_patch
 from lvmopstools.testing.clock import (
     VirtualClock,
@@ -889,3 +890,67 @@ async def test_socket_handler_timeouts_in_virtual_time() -> None:
 
     assert connections == 3
     assert elapsed == 3 * 5 + 2 * 1.0
+
+
+class _StuckActor(LVMActor):
+    """An LVMActor whose check always fails; it records virtual timestamps."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.started_at: list[float] = []
+        self.checked_at: list[float] = []
+
+    def _now(self) -> float:
+        clock = current_clock()
+        assert clock is not None, "the actor must run under the virtual clock"
+        return clock.time()
+
+    async def start(self) -> _StuckActor:
+        await super().start()
+        self.started_at.append(self._now())
+        return self
+
+    async def _check_internal(self) -> None:
+        self.checked_at.append(self._now())
+        raise CheckError("the device does not answer")
+
+    async def _troubleshoot_internal(
+        self, error_code: ErrorCodesBase, exception: Exception | None = None
+    ) -> bool:
+        return False
+
+
+@pytest.mark.asyncio
+@pytest.mark.virtual_clock(quiet_period=0)
+async def test_actor_restarts_at_the_virtual_second_the_logic_implies(
+    virtual_clock: VirtualClock, mock_amqp_broker: Any
+) -> None:
+    # The check fails at t=0, so the actor is not ready from then on. The loop
+    # wakes every 30 s; the first wake-up that finds more than 300 s of
+    # not-ready time is at t=330, and it reloads the actor instead of
+    # checking. The reloaded actor checks at once (t=330), fails, and is due
+    # for its next restart 330 s later. So the checks fall on every multiple
+    # of 30 s, once each, and the starts on multiples of 330 s.
+    actor = _StuckActor(
+        name="stuck-under-clock",
+        url=mock_amqp_broker.url,
+        check_interval=30,
+        restart_after=300,
+    )
+    await actor.start()
+    try:
+        await virtual_clock.advance_until(
+            lambda: len(actor.started_at) >= 3, timeout=1000
+        )
+        loops = [
+            task
+            for task in asyncio.all_tasks()
+            if task.get_name() == f"{actor.name}-check-loop" and not task.done()
+        ]
+    finally:
+        await actor.stop()
+
+    assert actor.started_at == [0, 330, 660]
+    assert actor.checked_at[:22] == [30.0 * k for k in range(22)]
+    assert actor.state & ActorState.TROUBLESHOOT_FAILED
+    assert len(loops) == 1
