@@ -20,6 +20,8 @@ ARGS = (
     "lvmopstools",
     "-p",
     "asyncio",
+    "-o",
+    "asyncio_default_fixture_loop_scope=function",
 )
 
 TESTS = """
