@@ -4,7 +4,8 @@
   unmodified aio_pika, aiormq and clu clients use, records every publish, and
   fails on demand.
 - :mod:`.faults`: the faults it can inject, as plain data.
-- :mod:`.records`: :class:`PublishedMessage` and :class:`CluReply`.
+- :mod:`.records`: the message log (:class:`MessageLog` of
+  :class:`PublishedMessage`) and clu reply decoding (:class:`CluReply`).
 - :class:`RabbitMQNode` (:mod:`.rabbitmq`, imported on first use): a real
   RabbitMQ node in a temporary folder, for checking the mock against it.
 """
@@ -21,14 +22,15 @@ from .faults import (
     DropMessages,
     DuplicateMessages,
     Fault,
+    FaultHandle,
     NackConfirms,
     RefuseConnections,
     RestartBroker,
     WithholdConfirms,
     fault_from_dict,
 )
-from .records import CluReply, PublishedMessage
-from .server import FaultHandle, MockBroker
+from .records import CluReply, MessageLog, PublishedMessage
+from .server import MockBroker
 
 __all__ = [
     "CloseChannel",
@@ -39,6 +41,7 @@ __all__ = [
     "DuplicateMessages",
     "Fault",
     "FaultHandle",
+    "MessageLog",
     "MockBroker",
     "NackConfirms",
     "PublishedMessage",

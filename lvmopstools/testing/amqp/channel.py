@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from pamqp import commands
 
 from .model import AMQPError, Envelope, Queue
+from .wire import deliver_frame
 
 if TYPE_CHECKING:
     from .connection import BrokerConnection
@@ -58,6 +59,7 @@ class Consumer:
         self.channel = channel
         self.queue = queue
         self.tag = tag
+        self.tag_bytes = tag.encode()
         self.no_ack = no_ack
         self.exclusive = exclusive
         self.prefetch = prefetch
@@ -296,14 +298,15 @@ class Channel:
             consumer.unacked += 1
 
         message = envelope.message
-        method = commands.Basic.Deliver(
-            consumer.tag,
+        method = deliver_frame(
+            self.number,
+            consumer.tag_bytes,
             tag,
             envelope.redelivered,
-            message.exchange,
-            message.routing_key,
+            message.exchange_bytes,
+            message.routing_key_bytes,
         )
-        self.connection.send_content(self.number, method, message)
+        self.connection.send_content(self.number, method, message, encoded=True)
 
     def _get(self, method: commands.Basic.Get) -> None:
         queue = self._queue(method.queue)

@@ -32,6 +32,7 @@ from pamqp import commands, frame, header, heartbeat
 
 from .channel import Channel
 from .model import AMQPError, Message
+from .wire import FRAME_HEAD, decode_method
 
 if TYPE_CHECKING:
     from .server import MockBroker
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 FRAME_END = 0xCE
-_FRAME_HEAD = struct.Struct(">BHI")
 _HEARTBEAT = frame.marshal(heartbeat.Heartbeat(), 0)
 
 #: Seconds (loop time) to wait for ``connection.close-ok`` before closing.
@@ -87,6 +87,8 @@ class BrokerConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Parse every complete frame in the buffer."""
+        if self.stage == "closed":
+            return
         self._buffer += data
         try:
             self._parse()
@@ -113,14 +115,20 @@ class BrokerConnection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(frame.marshal(method, channel))
 
-    def send_content(self, channel: int, method: Any, message: Message) -> None:
-        """Send a method frame followed by a message's header and body frames."""
+    def send_content(
+        self, channel: int, method: Any, message: Message, *, encoded: bool = False
+    ) -> None:
+        """Send a method frame followed by a message's header and body frames.
+
+        ``method`` is a pamqp method, or with ``encoded=True`` the bytes of
+        a whole method frame (see :func:`.wire.deliver_frame`).
+        """
         if self.transport is None or self.transport.is_closing():
             return
 
         parts = [
-            frame.marshal(method, channel),
-            _FRAME_HEAD.pack(2, channel, len(message.header)),
+            method if encoded else frame.marshal(method, channel),
+            FRAME_HEAD.pack(2, channel, len(message.header)),
             message.header,
             b"\xce",
         ]
@@ -128,7 +136,7 @@ class BrokerConnection(asyncio.Protocol):
         step = self.frame_max - 8 if self.frame_max else len(body) or 1
         for start in range(0, len(body), step):
             chunk = body[start : start + step]
-            parts += [_FRAME_HEAD.pack(3, channel, len(chunk)), chunk, b"\xce"]
+            parts += [FRAME_HEAD.pack(3, channel, len(chunk)), chunk, b"\xce"]
         self.transport.write(b"".join(parts))
 
     def capability(self, name: str) -> bool:
@@ -148,7 +156,10 @@ class BrokerConnection(asyncio.Protocol):
             0, commands.Connection.Close(err.code, err.text, class_id, method_id)
         )
         self._release()
-        if err.code == 501 or self.stage == "header":
+        if err.code == 501 or self.stage in ("header", "start"):
+            # The stream cannot be trusted any further (or the client is not
+            # past authentication): close at once, as RabbitMQ does.
+            self.stage = "closed"
             self.close_transport()
             return
         self.stage = "closing"
@@ -207,25 +218,50 @@ class BrokerConnection(asyncio.Protocol):
 
         offset = 0
         size_limit = self.frame_max or 2**32
-        while len(buffer) - offset >= 7 and self.stage != "closed":
-            kind, number, size = _FRAME_HEAD.unpack_from(buffer, offset)
-            if size + 8 > size_limit:
-                del buffer[:]
-                raise AMQPError(
-                    501,
-                    f"frame size {size + 8} exceeds the negotiated frame_max "
-                    f"{size_limit}",
-                )
-            end = offset + 7 + size
-            if len(buffer) <= end:
-                break
-            if buffer[end] != FRAME_END:
-                del buffer[:]
-                raise AMQPError(501, f"bad frame end byte {buffer[end]:#04x}")
-            payload = bytes(buffer[offset + 7 : end])
-            offset = end + 1
-            self._frame(kind, number, payload)
-        del buffer[:offset]
+        try:
+            while len(buffer) - offset >= 7 and self.stage != "closed":
+                found = self._frame_at(buffer, offset, size_limit)
+                if found is None:
+                    break
+                kind, number, payload, offset = found
+                self._frame(kind, number, payload)
+        finally:
+            # Consumed frames go even when one of them failed, so that the
+            # client's close-ok, which follows, is read and not the bad frame.
+            del buffer[:offset]
+
+    @staticmethod
+    def _frame_at(
+        buffer: bytearray, offset: int, size_limit: int
+    ) -> tuple[int, int, bytes, int] | None:
+        """Return the frame at ``offset`` and the next offset, or None if partial.
+
+        Raises
+        ------
+        AMQPError
+            501 FRAME_ERROR for an oversized frame or a bad frame-end byte.
+        """
+        kind, number, size = FRAME_HEAD.unpack_from(buffer, offset)
+        if size + 8 > size_limit:
+            del buffer[:]
+            raise AMQPError(
+                501,
+                f"frame of type {kind} has a {size}-byte payload; frames "
+                f"may hold at most {size_limit - 8} (negotiated frame_max "
+                f"{size_limit})",
+            )
+        end = offset + 7 + size
+        if len(buffer) <= end:
+            return None
+        if buffer[end] != FRAME_END:
+            marker = buffer[end]
+            del buffer[:]
+            raise AMQPError(
+                501,
+                f"frame of type {kind} ends with {marker:#04x} instead of the "
+                f"frame-end marker {FRAME_END:#04x}",
+            )
+        return kind, number, bytes(buffer[offset + 7 : end]), end + 1
 
     def _bad_header(self) -> None:
         log.debug("bad protocol header from %s", self.peer)
@@ -238,7 +274,7 @@ class BrokerConnection(asyncio.Protocol):
         if kind == 8:
             return
         if kind == 1:
-            self._method(number, _decode_method(payload))
+            self._method(number, decode_method(payload))
         elif kind == 2:
             self._content_header(number, payload)
         elif kind == 3:
@@ -437,16 +473,16 @@ class BrokerConnection(asyncio.Protocol):
             self.channel_max = min(
                 self.channel_max or method.channel_max, method.channel_max
             )
+        # Limitation: the broker sends heartbeats at this interval but never
+        # closes a connection whose client stops sending its own; RabbitMQ
+        # would after two missed intervals. Use DropConnections instead.
         self.heartbeat = method.heartbeat
         self.stage = "tuned"
 
     def _open(self, method: commands.Connection.Open) -> None:
         if method.virtual_host != self.broker.vhost:
-            raise AMQPError(
-                530,
-                f"access to vhost {method.virtual_host!r} refused for user "
-                f"{self.broker.user!r}",
-            )
+            # RabbitMQ's wording; this broker serves one virtual host only.
+            raise AMQPError(530, f"vhost {method.virtual_host} not found")
         self.stage = "open"
         self.send_method(0, commands.Connection.OpenOk())
         if self.heartbeat:
@@ -459,23 +495,6 @@ class BrokerConnection(asyncio.Protocol):
             return
         self.transport.write(_HEARTBEAT)
         self._timer = self._loop.call_later(self.heartbeat / 2, self._beat)
-
-
-def _decode_method(payload: bytes) -> Any:
-    if len(payload) < 4:
-        raise AMQPError(502, f"method frame too short ({len(payload)} bytes)")
-    (index,) = struct.unpack_from(">I", payload)
-    cls = commands.INDEX_MAPPING.get(index)
-    if cls is None:
-        class_id, method_id = index >> 16, index & 0xFFFF
-        raise AMQPError(540, f"unknown method {class_id}.{method_id}")
-
-    method = cls()
-    try:
-        method.unmarshal(payload[4:])
-    except (struct.error, ValueError, UnicodeDecodeError) as err:
-        raise AMQPError(502, f"malformed {method.name!r} frame: {err}") from err
-    return method
 
 
 def _ids(method: Any) -> tuple[int, int]:

@@ -31,6 +31,9 @@ MOCK_ONLY = frozenset(
         "wait_for_message",
         "wait_for_reply",
         "connections",
+        "wait_connections",
+        "wait_running",
+        "leftovers",
     }
 )
 

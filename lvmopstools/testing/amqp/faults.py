@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from .model import topic_matches
 
 __all__ = [
     "CloseChannel",
@@ -37,7 +39,9 @@ __all__ = [
     "DropMessages",
     "DuplicateMessages",
     "Fault",
+    "FaultHandle",
     "MessageRule",
+    "MessageRules",
     "NackConfirms",
     "RefuseConnections",
     "RestartBroker",
@@ -241,6 +245,69 @@ class NackConfirms(MessageRule):
     """
 
     kind: ClassVar[str] = "nack_confirms"
+
+
+@dataclass(eq=False)
+class FaultHandle:
+    """A message rule in force on a broker.
+
+    Parameters
+    ----------
+    fault
+        The rule.
+    hits
+        How many messages it has acted on.
+    """
+
+    fault: MessageRule
+    hits: int = 0
+    active: bool = True
+    _rules: list[FaultHandle] = field(default_factory=list, repr=False)
+
+    def remove(self) -> None:
+        """Stop the rule (idempotent)."""
+        self.active = False
+        if self in self._rules:
+            self._rules.remove(self)
+
+
+class MessageRules:
+    """The message rules in force on a broker, in the order they were added."""
+
+    def __init__(self) -> None:
+        self._handles: list[FaultHandle] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._handles)
+
+    def add(self, rule: MessageRule) -> FaultHandle:
+        """Put a rule in force; return its handle."""
+        handle = FaultHandle(rule, _rules=self._handles)
+        self._handles.append(handle)
+        return handle
+
+    def clear(self) -> None:
+        """Remove every rule."""
+        for handle in list(self._handles):
+            handle.remove()
+
+    def matching(self, exchange: str, routing_key: str) -> list[FaultHandle]:
+        """Return the rules that act on a message, counting the hit on each.
+
+        A rule whose ``count`` is used up by this hit is removed.
+        """
+        hits = []
+        for handle in list(self._handles):
+            rule = handle.fault
+            if rule.exchange is not None and rule.exchange != exchange:
+                continue
+            if not topic_matches(rule.pattern, routing_key):
+                continue
+            handle.hits += 1
+            if rule.count is not None and handle.hits >= rule.count:
+                handle.remove()
+            hits.append(handle)
+        return hits
 
 
 _KINDS: dict[str, type[Fault]] = {

@@ -108,6 +108,13 @@ class Message:
     header: bytes
     body: bytes
     properties: Any
+    #: ``exchange`` and ``routing_key`` encoded once, for every delivery.
+    exchange_bytes: bytes = field(init=False, repr=False)
+    routing_key_bytes: bytes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.exchange_bytes = self.exchange.encode()
+        self.routing_key_bytes = self.routing_key.encode()
 
 
 @dataclass(eq=False, slots=True)
@@ -276,7 +283,7 @@ class BrokerState:
                     540,
                     "exchange type 'headers' is not implemented by the mock broker",
                 )
-            raise AMQPError(503, f"invalid exchange type {kind!r}")
+            raise AMQPError(503, f"unknown exchange type {kind!r}")
 
         if existing is None:
             exchange = Exchange(name, kind, durable, auto_delete, internal)

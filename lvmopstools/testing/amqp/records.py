@@ -1,9 +1,10 @@
 """The mock broker's log of published messages, and clu reply decoding.
 
 Every message a client publishes to a :class:`~lvmopstools.testing.amqp.MockBroker`
-is kept as a :class:`PublishedMessage`, so a test can ask what was sent instead
-of consuming it. :class:`CluReply` reads the conventions clu actors follow when
-they reply (exchange ``sdss_exchange``, routing key ``reply.<commander>`` or
+is kept as a :class:`PublishedMessage` in the broker's :class:`MessageLog`, so a
+test can ask what was sent, or wait for it, instead of consuming it.
+:class:`CluReply` reads the conventions clu actors follow when they reply
+(exchange ``sdss_exchange``, routing key ``reply.<commander>`` or
 ``reply.broadcast``, headers ``message_code``, ``commander_id``, ``command_id``,
 ``sender``, a JSON body of keywords), so a test can assert "actor X broadcast
 state Y" without decoding frames.
@@ -14,11 +15,20 @@ it decodes only clu's AMQP replies (not the legacy opscore protocol).
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CluReply", "PublishedMessage"]
+from pamqp import commands
+
+from ..clock import current_clock
+from .model import Message, topic_matches
+
+__all__ = ["CluReply", "MessageLog", "PublishedMessage", "record_of"]
+
+_PROPERTY_NAMES = tuple(commands.Basic.Properties.__slots__)
 
 #: clu's message codes, from the least to the most final.
 CLU_CODES = {
@@ -88,13 +98,16 @@ class PublishedMessage:
     loop_time
         ``loop.time()`` when the broker received it (virtual under a clock).
     virtual_time
-        The active clock's ``time()``, or None without a virtual clock.
+        The active clock's ``time()`` (virtual seconds since the clock
+        started), or None without a virtual clock.
     connection
         The publishing connection, as ``"host:port"`` of the client socket.
     channel
         The publishing channel number.
     routed_to
-        The queues the message reached (empty when unroutable or dropped).
+        The queues the message reached when it was published: empty when it
+        was unroutable or dropped, and for a delayed message, which the
+        broker routes later.
     fault
         The kind of the fault that acted on the message, if any.
     """
@@ -155,6 +168,205 @@ class PublishedMessage:
             broadcast=self.routing_key == "reply.broadcast",
             internal=bool(self.headers.get("internal", False)),
         )
+
+
+class MessageLog:
+    """The messages published to a broker, oldest first, with queries and waits.
+
+    The log grows for as long as the broker lives (restarts included); call
+    :meth:`clear` to forget what came before.
+    """
+
+    def __init__(self) -> None:
+        self._records: list[PublishedMessage] = []
+        self._waiters: list[
+            tuple[Callable[[PublishedMessage], bool], asyncio.Future[PublishedMessage]]
+        ] = []
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def messages(
+        self,
+        routing_key: str | None = None,
+        *,
+        exchange: str | None = None,
+    ) -> list[PublishedMessage]:
+        """Return the recorded messages, oldest first.
+
+        Parameters
+        ----------
+        routing_key
+            A topic pattern (``*`` one word, ``#`` any number) the routing key
+            must match; None for all.
+        exchange
+            Only messages published to this exchange; None for all.
+        """
+        return [
+            record
+            for record in self._records
+            if (exchange is None or record.exchange == exchange)
+            and (routing_key is None or topic_matches(routing_key, record.routing_key))
+        ]
+
+    def replies(
+        self,
+        sender: str | None = None,
+        *,
+        message_code: str | None = None,
+        keyword: str | None = None,
+    ) -> list[CluReply]:
+        """Return the clu replies published so far, oldest first.
+
+        Parameters
+        ----------
+        sender
+            Only replies from this actor.
+        message_code
+            Only replies with this clu message code (``":"``, ``"i"``...).
+        keyword
+            Only replies that carry this keyword.
+        """
+        found = []
+        for record in self._records:
+            reply = record.clu_reply()
+            if reply is None:
+                continue
+            if sender is not None and reply.sender != sender:
+                continue
+            if message_code is not None and reply.message_code != message_code:
+                continue
+            if keyword is not None and keyword not in reply.keywords:
+                continue
+            found.append(reply)
+        return found
+
+    def clear(self) -> None:
+        """Forget the recorded messages."""
+        self._records.clear()
+
+    async def wait_for_message(
+        self,
+        predicate: Callable[[PublishedMessage], bool] | None = None,
+        *,
+        timeout: float = 5.0,  # noqa: ASYNC109 - a per-call bound reads best here
+        past: bool = True,
+    ) -> PublishedMessage:
+        """Wait until a published message satisfies ``predicate`` and return it.
+
+        Parameters
+        ----------
+        predicate
+            A test on each :class:`PublishedMessage`; None accepts any.
+        timeout
+            Seconds (loop time) to wait.
+        past
+            Whether a message recorded before the call counts.
+
+        Raises
+        ------
+        TimeoutError
+            If no such message arrives within ``timeout``.
+        """
+        test = predicate or (lambda _: True)
+        if past:
+            for record in self._records:
+                if test(record):
+                    return record
+
+        future: asyncio.Future[PublishedMessage] = (
+            asyncio.get_running_loop().create_future()
+        )
+        waiter = (test, future)
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            msg = (
+                f"no published message matched {predicate!r} within {timeout} s; "
+                f"{len(self._records)} messages were recorded (see .messages())"
+            )
+            raise TimeoutError(msg) from None
+        finally:
+            self._waiters.remove(waiter)
+
+    async def wait_for_reply(
+        self,
+        predicate: Callable[[CluReply], bool],
+        *,
+        timeout: float = 5.0,  # noqa: ASYNC109 - a per-call bound reads best here
+        past: bool = True,
+    ) -> CluReply:
+        """Wait until a clu reply satisfies ``predicate`` and return it.
+
+        Raises
+        ------
+        TimeoutError
+            If no such reply arrives within ``timeout``.
+        """
+
+        def test(record: PublishedMessage) -> bool:
+            reply = record.clu_reply()
+            return reply is not None and predicate(reply)
+
+        record = await self.wait_for_message(test, timeout=timeout, past=past)
+        reply = record.clu_reply()
+        assert reply is not None
+        return reply
+
+    def add(self, record: PublishedMessage) -> None:
+        """Record a message and wake the waiters it satisfies."""
+        self._records.append(record)
+        for test, future in list(self._waiters):
+            if not future.done() and test(record):
+                future.set_result(record)
+
+
+def record_of(
+    message: Message,
+    *,
+    connection: str,
+    channel: int,
+    routed: tuple[str, ...],
+    fault: str | None,
+) -> PublishedMessage:
+    """Return the record of a message as the broker received it, timed now.
+
+    Parameters
+    ----------
+    message
+        The message, assembled from its publish, header and body frames.
+    connection
+        The publishing connection, as ``"host:port"`` of the client socket.
+    channel
+        The publishing channel number.
+    routed
+        The names of the queues it reached.
+    fault
+        The kind of the fault that acted on it, if any.
+    """
+    props = message.properties
+    properties = {}
+    for name in _PROPERTY_NAMES:
+        value = getattr(props, name, None)
+        if value not in (None, "") and name != "headers":
+            properties[name] = value
+
+    clock = current_clock()
+    return PublishedMessage(
+        exchange=message.exchange,
+        routing_key=message.routing_key,
+        body=message.body,
+        headers=dict(props.headers or {}),
+        properties=properties,
+        loop_time=asyncio.get_running_loop().time(),
+        virtual_time=clock.time() if clock is not None else None,
+        connection=connection,
+        channel=channel,
+        routed_to=routed,
+        fault=fault,
+    )
 
 
 def _text(value: Any) -> str | None:

@@ -6,7 +6,9 @@ as they connect to RabbitMQ. The broker routes messages, records every
 publish (:meth:`MockBroker.messages`, :meth:`MockBroker.replies`,
 :meth:`MockBroker.wait_for_message`) and fails on demand
 (:meth:`MockBroker.inject` with a fault from
-:mod:`lvmopstools.testing.amqp.faults`).
+:mod:`lvmopstools.testing.amqp.faults`). A test can wait for its state
+(:meth:`MockBroker.wait_connections`, :meth:`MockBroker.wait_running`) and
+check that it left nothing open (:meth:`MockBroker.leftovers`).
 
 What it does not simulate: more than one virtual host, users other than the
 configured one, persistence across restarts (a restart loses every queue and
@@ -20,13 +22,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from pamqp import commands
 
-from ..clock import current_clock, register_owned_address
+from ..clock import register_owned_address
 from .faults import (
     CloseChannel,
     DelayMessages,
@@ -34,48 +35,24 @@ from .faults import (
     DropMessages,
     DuplicateMessages,
     Fault,
+    FaultHandle,
     MessageRule,
+    MessageRules,
     NackConfirms,
     RefuseConnections,
     RestartBroker,
     WithholdConfirms,
 )
-from .model import AMQPError, BrokerState, Envelope, Message, topic_matches
-from .records import CluReply, PublishedMessage
+from .model import AMQPError, BrokerState, Envelope, Message
+from .records import CluReply, MessageLog, PublishedMessage, record_of
 
 if TYPE_CHECKING:
     from .channel import Channel
     from .connection import BrokerConnection
 
-__all__ = ["FaultHandle", "MockBroker"]
+__all__ = ["MockBroker"]
 
 log = logging.getLogger(__name__)
-
-_PROPERTY_NAMES = tuple(commands.Basic.Properties.__slots__)
-
-
-@dataclass(eq=False)
-class FaultHandle:
-    """A message rule in force on a broker.
-
-    Parameters
-    ----------
-    fault
-        The rule.
-    hits
-        How many messages it has acted on.
-    """
-
-    fault: MessageRule
-    hits: int = 0
-    active: bool = True
-    _rules: list[FaultHandle] = field(default_factory=list, repr=False)
-
-    def remove(self) -> None:
-        """Stop the rule (idempotent)."""
-        self.active = False
-        if self in self._rules:
-            self._rules.remove(self)
 
 
 class MockBroker:
@@ -153,9 +130,12 @@ class MockBroker:
         self._port = port
         self._server: asyncio.Server | None = None
         self._connections: list[BrokerConnection] = []
-        self._records: list[PublishedMessage] = []
-        self._waiters: list[tuple[Callable[[PublishedMessage], bool], Any]] = []
-        self._rules: list[FaultHandle] = []
+        #: Every message published to the broker (see :class:`.MessageLog`).
+        self.log = MessageLog()
+        #: The message rules in force (see :class:`.MessageRules`).
+        self.rules = MessageRules()
+        self._count_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._listen_waiters: list[asyncio.Future[None]] = []
         self._timers: set[asyncio.TimerHandle] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._unregister: Callable[[], None] | None = None
@@ -213,7 +193,7 @@ class MockBroker:
         if not self._started:
             return
         self._started = False
-        self._close_listener()
+        # Timers and tasks first: a pending reopen must not listen again.
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
@@ -221,6 +201,7 @@ class MockBroker:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._close_listener()
 
         self._drop(
             None, "close", "broker forced connection closure with reason 'shutdown'"
@@ -247,6 +228,9 @@ class MockBroker:
         self._port = self._server.sockets[0].getsockname()[1]
         if self._unregister is None:
             self._unregister = register_owned_address(self.host, self._port)
+        for future in self._listen_waiters:
+            if not future.done():
+                future.set_result(None)
 
     def _protocol(self) -> asyncio.Protocol:
         from .connection import BrokerConnection
@@ -274,14 +258,107 @@ class MockBroker:
 
     def _connection_made(self, connection: BrokerConnection) -> None:
         self._connections.append(connection)
+        self._connections_changed()
 
     def _connection_lost(self, connection: BrokerConnection) -> None:
         if connection in self._connections:
             self._connections.remove(connection)
         if not self._connections and self._lost is not None:
             self._lost.set()
+        self._connections_changed()
+
+    def _connections_changed(self) -> None:
+        for count, future in self._count_waiters:
+            if not future.done() and len(self._connections) == count:
+                future.set_result(None)
+
+    async def wait_running(
+        self,
+        *,
+        timeout: float = 5.0,  # noqa: ASYNC109 - a per-call bound reads best here
+    ) -> None:
+        """Wait until the broker accepts connections (after a refusal, say).
+
+        Raises
+        ------
+        TimeoutError
+            If it does not listen within ``timeout`` seconds (loop time).
+        """
+        if self.is_running:
+            return
+
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._listen_waiters.append(future)
+        try:
+            async with asyncio.timeout(timeout):
+                await future
+        except TimeoutError:
+            msg = (
+                f"the broker did not listen on port {self._port} within {timeout} s; "
+                "it is stopped or still refusing connections"
+            )
+            raise TimeoutError(msg) from None
+        finally:
+            self._listen_waiters.remove(future)
+
+    def leftovers(self) -> list[str]:
+        """Describe what the broker still holds open; empty once fully stopped.
+
+        A fixture can assert ``broker.leftovers() == []`` after :meth:`stop`
+        to check that no client connection, listening socket, timer or task
+        of the broker outlived it.
+
+        Returns
+        -------
+        list[str]
+            One phrase per open resource, e.g. ``"connection from 127.0.0.1:5"``.
+        """
+        found = [f"connection from {peer}" for peer in self.connections]
+        if self._server is not None:
+            found.append(f"listening socket on {self.host}:{self._port}")
+        found += [f"timer {timer!r}" for timer in self._timers]
+        found += [f"task {task.get_name()!r}" for task in self._tasks]
+        return found
 
     # --- observability ---
+
+    async def wait_connections(
+        self,
+        count: int,
+        *,
+        timeout: float = 5.0,  # noqa: ASYNC109 - a per-call bound reads best here
+    ) -> None:
+        """Wait until exactly ``count`` client connections are open.
+
+        Parameters
+        ----------
+        count
+            The number of open connections to wait for (0: all closed).
+        timeout
+            Seconds (loop time) to wait.
+
+        Raises
+        ------
+        TimeoutError
+            If the count is not reached within ``timeout``.
+        """
+        if len(self._connections) == count:
+            return
+
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter = (count, future)
+        self._count_waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                await future
+        except TimeoutError:
+            msg = (
+                f"expected {count} open connections within {timeout} s, but "
+                f"{len(self._connections)} are open: {self.connections!r}"
+            )
+            raise TimeoutError(msg) from None
+        finally:
+            self._count_waiters.remove(waiter)
 
     @property
     def connections(self) -> list[str]:
@@ -296,20 +373,9 @@ class MockBroker:
     ) -> list[PublishedMessage]:
         """Return the recorded messages, oldest first.
 
-        Parameters
-        ----------
-        routing_key
-            A topic pattern (``*`` one word, ``#`` any number) the routing key
-            must match; None for all.
-        exchange
-            Only messages published to this exchange; None for all.
+        See :meth:`MessageLog.messages <.records.MessageLog.messages>`.
         """
-        return [
-            record
-            for record in self._records
-            if (exchange is None or record.exchange == exchange)
-            and (routing_key is None or topic_matches(routing_key, record.routing_key))
-        ]
+        return self.log.messages(routing_key, exchange=exchange)
 
     def replies(
         self,
@@ -320,32 +386,13 @@ class MockBroker:
     ) -> list[CluReply]:
         """Return the clu replies published so far, oldest first.
 
-        Parameters
-        ----------
-        sender
-            Only replies from this actor.
-        message_code
-            Only replies with this clu message code (``":"``, ``"i"``...).
-        keyword
-            Only replies that carry this keyword.
+        See :meth:`MessageLog.replies <.records.MessageLog.replies>`.
         """
-        found = []
-        for record in self._records:
-            reply = record.clu_reply()
-            if reply is None:
-                continue
-            if sender is not None and reply.sender != sender:
-                continue
-            if message_code is not None and reply.message_code != message_code:
-                continue
-            if keyword is not None and keyword not in reply.keywords:
-                continue
-            found.append(reply)
-        return found
+        return self.log.replies(sender, message_code=message_code, keyword=keyword)
 
     def clear_records(self) -> None:
         """Forget the recorded messages."""
-        self._records.clear()
+        self.log.clear()
 
     async def wait_for_message(
         self,
@@ -356,42 +403,10 @@ class MockBroker:
     ) -> PublishedMessage:
         """Wait until a published message satisfies ``predicate`` and return it.
 
-        Parameters
-        ----------
-        predicate
-            A test on each :class:`PublishedMessage`; None accepts any.
-        timeout
-            Seconds (loop time) to wait.
-        past
-            Whether a message recorded before the call counts.
-
-        Raises
-        ------
-        TimeoutError
-            If no such message arrives within ``timeout``.
+        See :meth:`MessageLog.wait_for_message
+        <.records.MessageLog.wait_for_message>`.
         """
-        test = predicate or (lambda _: True)
-        if past:
-            for record in self._records:
-                if test(record):
-                    return record
-
-        future: asyncio.Future[PublishedMessage] = (
-            asyncio.get_running_loop().create_future()
-        )
-        waiter = (test, future)
-        self._waiters.append(waiter)
-        try:
-            async with asyncio.timeout(timeout):
-                return await future
-        except TimeoutError:
-            msg = (
-                f"no published message matched {predicate!r} within {timeout} s; "
-                f"{len(self._records)} messages were recorded (see .messages())"
-            )
-            raise TimeoutError(msg) from None
-        finally:
-            self._waiters.remove(waiter)
+        return await self.log.wait_for_message(predicate, timeout=timeout, past=past)
 
     async def wait_for_reply(
         self,
@@ -402,26 +417,9 @@ class MockBroker:
     ) -> CluReply:
         """Wait until a clu reply satisfies ``predicate`` and return it.
 
-        Raises
-        ------
-        TimeoutError
-            If no such reply arrives within ``timeout``.
+        See :meth:`MessageLog.wait_for_reply <.records.MessageLog.wait_for_reply>`.
         """
-
-        def test(record: PublishedMessage) -> bool:
-            reply = record.clu_reply()
-            return reply is not None and predicate(reply)
-
-        record = await self.wait_for_message(test, timeout=timeout, past=past)
-        reply = record.clu_reply()
-        assert reply is not None
-        return reply
-
-    def _record(self, record: PublishedMessage) -> None:
-        self._records.append(record)
-        for test, future in list(self._waiters):
-            if not future.done() and test(record):
-                future.set_result(record)
+        return await self.log.wait_for_reply(predicate, timeout=timeout, past=past)
 
     # --- faults ---
 
@@ -439,9 +437,7 @@ class MockBroker:
             If ``fault`` is not one of the broker faults.
         """
         if isinstance(fault, MessageRule):
-            handle = FaultHandle(fault, _rules=self._rules)
-            self._rules.append(handle)
-            return handle
+            return self.rules.add(fault)
 
         if isinstance(fault, RestartBroker):
             await self.restart(fault.downtime)
@@ -461,8 +457,7 @@ class MockBroker:
 
     def clear_faults(self) -> None:
         """Remove every message rule."""
-        for handle in list(self._rules):
-            handle.remove()
+        self.rules.clear()
 
     def _drop(self, count: int | None, mode: str, reason: str) -> None:
         victims = self._connections[:count] if count is not None else self._connections
@@ -483,10 +478,20 @@ class MockBroker:
             self._timers.discard(timer)
             task = loop.create_task(self._listen())
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._reopened)
 
         timer = loop.call_later(duration, reopen)
         self._timers.add(timer)
+
+    def _reopened(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "mock broker could not listen on port %d again after refusing "
+                "connections: %s",
+                self._port,
+                task.exception(),
+            )
 
     def _close_channels(self, fault: CloseChannel) -> None:
         for connection in list(self._connections):
@@ -499,27 +504,16 @@ class MockBroker:
                 err.text = fault.text
                 connection.close_channel(number, err, None)
 
-    def _matching(self, message: Message) -> list[FaultHandle]:
-        hits = []
-        for handle in list(self._rules):
-            rule = handle.fault
-            if rule.exchange is not None and rule.exchange != message.exchange:
-                continue
-            if not topic_matches(rule.pattern, message.routing_key):
-                continue
-            handle.hits += 1
-            if rule.count is not None and handle.hits >= rule.count:
-                handle.remove()
-            hits.append(handle)
-        return hits
-
     # --- publishing ---
 
     def _published(self, channel: Channel, method: Any, message: Message) -> None:
         seq = channel.next_confirm()
         rules = (
-            {type(h.fault): h.fault for h in self._matching(message)}
-            if self._rules
+            {
+                type(h.fault): h.fault
+                for h in self.rules.matching(message.exchange, message.routing_key)
+            }
+            if self.rules
             else {}
         )
         fault = next(iter(rules.values())).kind if rules else None
@@ -569,7 +563,15 @@ class MockBroker:
             routed = route(copies)
             confirm(True)
 
-        self._record(self._make_record(channel, message, routed, fault))
+        self.log.add(
+            record_of(
+                message,
+                connection=channel.connection.peer,
+                channel=channel.number,
+                routed=routed,
+                fault=fault,
+            )
+        )
 
     def _later(self, delay: float, callback: Callable[[], object]) -> None:
         loop = asyncio.get_running_loop()
@@ -580,32 +582,3 @@ class MockBroker:
 
         timer = loop.call_later(delay, fire)
         self._timers.add(timer)
-
-    def _make_record(
-        self,
-        channel: Channel,
-        message: Message,
-        routed: tuple[str, ...],
-        fault: str | None,
-    ) -> PublishedMessage:
-        props = message.properties
-        properties = {}
-        for name in _PROPERTY_NAMES:
-            value = getattr(props, name, None)
-            if value not in (None, "") and name != "headers":
-                properties[name] = value
-
-        clock = current_clock()
-        return PublishedMessage(
-            exchange=message.exchange,
-            routing_key=message.routing_key,
-            body=message.body,
-            headers=dict(props.headers or {}),
-            properties=properties,
-            loop_time=asyncio.get_running_loop().time(),
-            virtual_time=clock.time() if clock is not None else None,
-            connection=channel.connection.peer,
-            channel=channel.number,
-            routed_to=routed,
-            fault=fault,
-        )
