@@ -144,6 +144,89 @@ async def virtual_clock(request: pytest.FixtureRequest) -> AsyncIterator[Virtual
 
 # --- fake devices and fault proxies ---------------------------------------------
 
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+    from typing import Any
+
+    from lvmopstools.testing.tcp import FaultProxy, FlakyServer
+    from lvmopstools.testing.tcp._endpoint import Endpoint
+
+
+async def _close_all(started: list[Endpoint]) -> None:
+    """Close every endpoint, last started first; raise their errors after.
+
+    One error is raised as it is; several together in an ExceptionGroup.
+    """
+    errors: list[Exception] = []
+    for endpoint in reversed(started):
+        try:
+            await endpoint.close()
+        except Exception as exc:
+            errors.append(exc)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        msg = f"closing {len(errors)} of {len(started)} endpoints failed"
+        raise ExceptionGroup(msg, errors)
+
+
+@pytest_asyncio.fixture
+async def flaky_server() -> AsyncIterator[Callable[..., Awaitable[FlakyServer]]]:
+    """Start fake devices: ``device = await flaky_server(script, **options)``.
+
+    A factory: each call starts a :class:`~lvmopstools.testing.tcp.FlakyServer`
+    (a real TCP server on 127.0.0.1, on a free port) with the arguments given
+    and returns it open; ``device.host`` and ``device.port`` say where to
+    connect. A test may start several. At teardown, also when the test
+    failed, every server started is closed, last first: its connections,
+    timers and tasks, and its address registration with the virtual clock. An
+    error raised in the background (a failing reply function) is raised then.
+    Under ``@pytest.mark.virtual_clock`` the servers run in virtual time.
+    """
+    from lvmopstools.testing.tcp import FlakyServer
+
+    started: list[Endpoint] = []
+
+    async def start(*args: Any, **kwargs: Any) -> FlakyServer:
+        server = FlakyServer(*args, **kwargs)
+        await server.open()
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        await _close_all(started)
+
+
+@pytest_asyncio.fixture
+async def fault_proxy() -> AsyncIterator[Callable[..., Awaitable[FaultProxy]]]:
+    """Start fault proxies: ``proxy = await fault_proxy(host, port, **options)``.
+
+    A factory: each call starts a :class:`~lvmopstools.testing.tcp.FaultProxy`
+    on 127.0.0.1 (a free port) in front of the real server at ``host:port``
+    and returns it open; point the client at ``proxy.host`` and
+    ``proxy.port``, and add faults with ``proxy.add_fault(...)`` or
+    ``with proxy.fault(...)``. A test may start several. At teardown, also
+    when the test failed, every proxy started is closed, last first: client
+    and target connections, timers, tasks and its clock registration. The
+    target server is left alone.
+    """
+    from lvmopstools.testing.tcp import FaultProxy
+
+    started: list[Endpoint] = []
+
+    async def start(*args: Any, **kwargs: Any) -> FaultProxy:
+        proxy = FaultProxy(*args, **kwargs)
+        await proxy.open()
+        started.append(proxy)
+        return proxy
+
+    try:
+        yield start
+    finally:
+        await _close_all(started)
+
 
 # --- AMQP brokers ---------------------------------------------------------------
 

@@ -11,24 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
-import re
 import socket
 import struct
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-from faker import Faker
-
 from lvmopstools.testing.clock import current_clock, register_owned_address
+from lvmopstools.testing.tcp._triggers import FaultState
 from lvmopstools.testing.tcp.faults import (
-    AfterN,
-    Always,
-    EveryKth,
     Fault,
-    FirstN,
-    Matches,
-    Probability,
     RefuseConnections,
     Scope,
     TimeWindow,
@@ -38,7 +29,11 @@ from lvmopstools.testing.tcp.records import Event, EventLog
 if TYPE_CHECKING:
     from types import TracebackType
 
-__all__ = ["Endpoint", "FaultState", "PortTakenError", "set_reset"]
+    from faker import Faker
+
+    from lvmopstools.testing.tcp._link import Link
+
+__all__ = ["Endpoint", "PortTakenError", "set_reset"]
 
 log = logging.getLogger(__name__)
 
@@ -54,51 +49,11 @@ class PortTakenError(OSError):
 
 def set_reset(sock: Any) -> None:
     """Make closing ``sock`` send a TCP reset (RST) instead of a FIN."""
-    with contextlib.suppress(OSError):
+    try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
-class FaultState:
-    """An active fault with the state its trigger needs."""
-
-    __slots__ = ("fault", "handles", "occasions", "rng", "trigger_rng")
-
-    def __init__(self, fault: Fault) -> None:
-        self.fault = fault
-        self.occasions = 0
-        seed = getattr(fault, "seed", 0)
-        self.rng = random.Random(seed)
-        trigger = fault.trigger
-        self.trigger_rng = random.Random(
-            trigger.seed if isinstance(trigger, Probability) else 0
-        )
-        self.handles: list[asyncio.TimerHandle] = []
-
-    def fires(self, elapsed: float, request: bytes | None) -> bool:
-        """Count one occasion and return True if the trigger fires on it."""
-        self.occasions += 1
-        trigger = self.fault.trigger
-        n = self.occasions
-
-        if isinstance(trigger, Always):
-            return True
-        if isinstance(trigger, FirstN):
-            return n <= trigger.count
-        if isinstance(trigger, AfterN):
-            return n > trigger.count
-        if isinstance(trigger, EveryKth):
-            return n % trigger.k == 0
-        if isinstance(trigger, TimeWindow):
-            return trigger.contains(elapsed)
-        if isinstance(trigger, Probability):
-            return self.trigger_rng.random() < trigger.p
-        if isinstance(trigger, Matches):
-            return (
-                request is not None and re.search(trigger.pattern, request) is not None
-            )
-
-        msg = f"trigger {trigger!r} is not supported by FlakyServer or FaultProxy"
-        raise NotImplementedError(msg)
+    except OSError:
+        # The socket is already gone; closing it sends nothing either way.
+        log.debug("cannot set SO_LINGER on %r", sock, exc_info=True)
 
 
 class Endpoint:
@@ -118,7 +73,10 @@ class Endpoint:
 
     def __init__(self, *, host: str, port: int, name: str, seed: int) -> None:
         if not isinstance(host, str) or not host:
-            msg = f"{name}: host must be a non-empty string such as '127.0.0.1', got {host!r}"
+            msg = (
+                f"{name}: host must be a non-empty string such as '127.0.0.1', "
+                f"got {host!r}"
+            )
             raise TypeError(msg)
 
         if (
@@ -126,13 +84,20 @@ class Endpoint:
             or not isinstance(port, int)
             or not 0 <= port <= 65535
         ):
-            msg = f"{name}: port must be an integer from 0 to 65535 (0 picks a free port), got {port!r}"
+            msg = (
+                f"{name}: port must be an integer from 0 to 65535 (0 picks a "
+                f"free port), got {port!r}"
+            )
             raise ValueError(msg)
 
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            msg = f"{name}: seed must be an integer, got {seed!r}"
+            raise TypeError(msg)
+
         self.name = name
+        self.seed = seed
         self.log = EventLog()
-        self.faker = Faker()
-        self.faker.seed_instance(seed)
+        self._faker: Faker | None = None
 
         self._host = host
         self._port = port
@@ -141,13 +106,24 @@ class Endpoint:
         self._started_at = 0.0
         self._opened = False
         self._closing = False
-        self._unregister: Any = None
+        self._unregister: Callable[[], None] | None = None
+        self._links: set[Link] = set()
 
         self._faults: list[FaultState] = []
         self._refusers: set[FaultState] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._errors: list[BaseException] = []
         self._accepted_count = 0
+
+    @property
+    def faker(self) -> Faker:
+        """The :class:`faker.Faker` seeded with ``seed`` (created on first use)."""
+        if self._faker is None:
+            from faker import Faker
+
+            self._faker = Faker()
+            self._faker.seed_instance(self.seed)
+        return self._faker
 
     # --- addresses ---------------------------------------------------------------
 
@@ -160,7 +136,10 @@ class Endpoint:
     def port(self) -> int:
         """The port clients connect to (known once opened)."""
         if not self._opened:
-            msg = f"{self.name} is not open yet: use 'async with' or await open() first"
+            msg = (
+                f"{self.name} is not open yet, so it has no port: use "
+                "'async with' or await open() first"
+            )
             raise RuntimeError(msg)
         return self._port
 
@@ -189,9 +168,22 @@ class Endpoint:
         await self.close(raise_errors=exc_type is None)
 
     async def open(self) -> None:
-        """Start listening (and apply any refuse fault added before)."""
+        """Start listening (and apply any refuse fault added before).
+
+        ``async with`` calls it; call it directly only with :meth:`close`.
+
+        Raises
+        ------
+        RuntimeError
+            If it was opened before (an endpoint opens once).
+        OSError
+            If the port cannot be bound.
+        """
         if self._opened:
-            msg = f"{self.name} is already open on {self._host}:{self._port}"
+            msg = (
+                f"{self.name} was already opened on {self._host}:{self._port}; "
+                "an endpoint opens once: create a new one"
+            )
             raise RuntimeError(msg)
 
         self._loop = asyncio.get_running_loop()
@@ -199,21 +191,28 @@ class Endpoint:
         self._listen()
         self._opened = True
         self._unregister = register_owned_address(self._host, self._port)
-        self._record("opened", host=self._host, port=self._port)
+        self.record("opened", host=self._host, port=self._port)
         log.debug("%s listening on %s:%d", self.name, self._host, self._port)
 
-        for state in self._faults:
+        for state in list(self._faults):
             if state.fault.scope == "listener":
                 self._schedule_listener_fault(state)
 
     async def close(self, *, raise_errors: bool = True) -> None:
-        """Close the port, every connection and every task; idempotent.
+        """Close the port, every connection, timer and task; idempotent.
+
+        Connections are aborted, without the :class:`SlowClose` delay; the
+        method returns once every socket is closed. The listening address is
+        unregistered from the virtual clock.
 
         Parameters
         ----------
         raise_errors
-            Raise the first error that happened in the background (a failing
-            handler, a port that could not be opened again), after cleaning up.
+            Keyword only. Raise the first error that happened in the
+            background (a failing reply function, a port that could not be
+            opened again), after cleaning up. ``async with`` passes False when
+            the block raised, so that the block's error is the one seen; the
+            errors stay in the log as ``"error"`` events.
         """
         if self._closing or not self._opened:
             return
@@ -222,32 +221,50 @@ class Endpoint:
         for state in self._faults:
             self._cancel_handles(state)
         self._close_listener(record=False)
-        self._close_connections()
 
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+        links = list(self._links)
+        for link in links:
+            link.abort()
+        if links:
+            await asyncio.gather(*(link.wait_closed() for link in links))
+
         if self._unregister is not None:
             self._unregister()
             self._unregister = None
-        self._record("closed")
+        self.record("closed")
         log.debug("%s closed", self.name)
 
         if raise_errors and self._errors:
             raise self._errors[0]
 
-    def _close_connections(self) -> None:
-        """Close every open connection (subclasses)."""
+    @property
+    def connections(self) -> int:
+        """The number of connections open now."""
+        return len(self._links)
+
+    def make_link(self, number: int, fired: list[Fault]) -> Link:
+        """Return the protocol of an accepted connection (subclasses)."""
         raise NotImplementedError
 
-    def _accepted(self, sock: socket.socket, number: int) -> None:
-        """Take over an accepted connection (subclasses)."""
-        raise NotImplementedError
+    def link_lost(self, link: Link, exc: Exception | None) -> None:
+        """Forget a connection that asyncio closed."""
+        self._links.discard(link)
+        self.record("closed", link.number, error=None if exc is None else repr(exc))
 
-    def _faults_changed(self) -> None:
-        """Called after a fault was added or removed (subclasses may react)."""
+    async def _adopt(self, sock: socket.socket, link: Link) -> None:
+        """Wrap an accepted socket in a transport driven by ``link``."""
+        assert self._loop is not None
+        try:
+            await self._loop.connect_accepted_socket(lambda: link, sock)
+        except BaseException:
+            self._links.discard(link)
+            sock.close()
+            raise
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run ``coro`` as a task that :meth:`close` cancels and awaits."""
@@ -261,18 +278,24 @@ class Endpoint:
         if task.cancelled():
             return
         exc = task.exception()
-        if exc is not None:
-            self.fail(exc)
+        if exc is None:
+            return
+        if self._closing:
+            # The endpoint is shutting down: a connection torn down mid-way.
+            log.debug("%s: task ended on close with %r", self.name, exc)
+            return
+        self.fail(exc)
 
     def fail(self, exc: BaseException) -> None:
         """Record a background error, to be raised by :meth:`close`."""
         log.debug("%s: background error %r", self.name, exc)
         self._errors.append(exc)
-        self._record("error", error=repr(exc))
+        self.record("error", error=repr(exc))
 
     # --- the listening socket ----------------------------------------------------
 
     def _listen(self) -> None:
+        # Limitation: IPv4 only; an IPv6 host fails with bind()'s OSError.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -291,7 +314,7 @@ class Endpoint:
     def _on_acceptable(self, sock: socket.socket) -> None:
         for _ in range(_ACCEPT_BATCH):
             try:
-                conn, _ = sock.accept()
+                conn, peer = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -299,10 +322,14 @@ class Endpoint:
                 return
 
             conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._accepted_count += 1
-            peer = conn.getpeername()
-            self._record("accepted", self._accepted_count, peer=f"{peer[0]}:{peer[1]}")
-            self._accepted(conn, self._accepted_count)
+            number = self._accepted_count
+            self.record("accepted", number, peer=f"{peer[0]}:{peer[1]}")
+            fired = [fault for fault, _ in self.select("connection", connection=number)]
+            link = self.make_link(number, fired)
+            self._links.add(link)
+            self.spawn(self._adopt(conn, link))
 
     def _close_listener(self, *, record: bool = True) -> None:
         sock = self._listener
@@ -314,7 +341,7 @@ class Endpoint:
         self._loop.remove_reader(sock.fileno())
         sock.close()
         if record:
-            self._record("listener_closed", port=self._port)
+            self.record("listener_closed", port=self._port)
             log.debug("%s: port %d closed", self.name, self._port)
 
     def _reopen_listener(self) -> None:
@@ -322,17 +349,19 @@ class Endpoint:
             self._listen()
         except OSError as exc:
             msg = (
-                f"{self.name}: cannot listen on {self._host}:{self._port} again after "
-                f"refusing connections ({exc.strerror or exc}); another socket took the "
-                "port meanwhile. Close it, or use a fresh server"
+                f"{self.name}: cannot listen on {self._host}:{self._port} again "
+                f"after refusing connections ({exc.strerror or exc}); another "
+                "socket took the port meanwhile. Close it, or use a fresh server"
             )
             raise PortTakenError(exc.errno, msg) from exc
 
-        self._record("listener_reopened", port=self._port)
+        self.record("listener_reopened", port=self._port)
         log.debug("%s: port %d open again", self.name, self._port)
 
     def _refuse(self, state: FaultState) -> None:
         self._refusers.add(state)
+        if self._listener is not None:
+            self.record("fault", fault=state.fault.kind)
         self._close_listener()
 
     def _unrefuse(self, state: FaultState, *, background: bool) -> None:
@@ -350,7 +379,6 @@ class Endpoint:
     def _schedule_listener_fault(self, state: FaultState) -> None:
         assert self._loop is not None
         trigger = state.fault.trigger
-        self._record("fault", fault=state.fault.kind)
 
         if not isinstance(trigger, TimeWindow):
             self._refuse(state)
@@ -379,12 +407,34 @@ class Endpoint:
     # --- faults ------------------------------------------------------------------
 
     @property
+    def has_faults(self) -> bool:
+        """True while at least one fault is active."""
+        return bool(self._faults)
+
+    @property
     def faults(self) -> tuple[Fault, ...]:
         """The active faults, in the order they were added."""
         return tuple(state.fault for state in self._faults)
 
     def add_fault(self, fault: F) -> F:
         """Start applying ``fault``; returns it, to pass to :meth:`remove_fault`.
+
+        A fault of the ``connection`` scope applies to connections accepted
+        from now on; the others apply from the next request, reply or chunk
+        on every connection, open or new. Bytes already delayed by a fault
+        keep their delay when it is removed, and nothing overtakes them.
+
+        Parameters
+        ----------
+        fault
+            One of the faults of :mod:`lvmopstools.testing.tcp.faults`. Its
+            trigger counts from this call. Faults add up: several latencies
+            sum, the lowest bandwidth wins.
+
+        Returns
+        -------
+        Fault
+            ``fault`` itself.
 
         Raises
         ------
@@ -400,21 +450,29 @@ class Endpoint:
 
         state = FaultState(fault)
         self._faults.append(state)
-        self._record("fault_added", fault=fault.kind, trigger=fault.trigger.kind)
+        self.record("fault_added", fault=fault.kind, trigger=fault.trigger.kind)
         if fault.scope == "listener" and self._opened and not self._closing:
             self._schedule_listener_fault(state)
-        self._faults_changed()
         return fault
 
     def remove_fault(self, fault: Fault) -> None:
         """Stop applying ``fault`` (the object :meth:`add_fault` returned).
 
+        Removing a :class:`RefuseConnections` opens the same port again.
+
+        Parameters
+        ----------
+        fault
+            The active fault.
+
         Raises
         ------
         ValueError
             If ``fault`` is not active here.
+        PortTakenError
+            If the port cannot be opened again (another socket took it).
         """
-        for index, state in enumerate(self._faults):
+        for state in self._faults:
             if state.fault is fault:
                 break
         else:
@@ -424,21 +482,37 @@ class Endpoint:
             )
             raise ValueError(msg)
 
-        del self._faults[index]
+        self._faults.remove(state)
         self._cancel_handles(state)
-        self._record("fault_removed", fault=fault.kind)
-        self._faults_changed()
+        self.record("fault_removed", fault=fault.kind)
         if isinstance(fault, RefuseConnections) and self._opened:
             self._unrefuse(state, background=False)
 
     def clear_faults(self) -> None:
         """Remove every active fault, last added first."""
-        for state in reversed(self._faults):
+        for state in reversed(list(self._faults)):
             self.remove_fault(state.fault)
 
     @contextlib.contextmanager
     def fault(self, fault: F) -> Iterator[F]:
-        """Apply ``fault`` for the duration of a ``with`` block."""
+        """Apply ``fault`` for the duration of a ``with`` block.
+
+        ::
+
+            with device.fault(Latency(2.0)):
+                ...  # every reply takes two more seconds
+
+        Parameters
+        ----------
+        fault
+            The fault; it is removed on leaving the block (also on error),
+            unless it was removed inside.
+
+        Returns
+        -------
+        contextlib.AbstractContextManager
+            Yields ``fault``.
+        """
         self.add_fault(fault)
         try:
             yield fault
@@ -456,8 +530,14 @@ class Endpoint:
     ) -> list[tuple[Fault, FaultState]]:
         """Consult the triggers of the active faults of one scope.
 
-        Returns the faults that fire on this occasion (each one recorded as a
-        ``"fault"`` event), with their state.
+        Used by the connections; each call is one occasion for every fault
+        of ``scope`` (and ``direction``) that is active.
+
+        Returns
+        -------
+        list
+            The ``(fault, state)`` pairs that fire on this occasion, each
+            recorded as a ``"fault"`` event.
         """
         fired: list[tuple[Fault, FaultState]] = []
         if not self._faults:
@@ -475,7 +555,7 @@ class Endpoint:
                 continue
             if state.fires(elapsed, request):
                 fired.append((fault, state))
-                self._record("fault", connection, fault=fault.kind, direction=direction)
+                self.record("fault", connection, fault=fault.kind, direction=direction)
         return fired
 
     # --- records -----------------------------------------------------------------
@@ -486,7 +566,8 @@ class Endpoint:
             return 0.0
         return self._loop.time() - self._started_at
 
-    def _record(self, kind: str, connection: int | None = None, **details: Any) -> None:
+    def record(self, kind: str, connection: int | None = None, **details: Any) -> None:
+        """Append an event to :attr:`log`, stamped with the loop time."""
         now = self._loop.time() if self._loop is not None else 0.0
         clock = current_clock()
         self.log.append(

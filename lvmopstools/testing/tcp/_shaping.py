@@ -24,7 +24,7 @@ from lvmopstools.testing.tcp.faults import (
 if TYPE_CHECKING:
     from faker import Faker
 
-    from lvmopstools.testing.tcp._endpoint import FaultState
+    from lvmopstools.testing.tcp._triggers import FaultState
 
 __all__ = ["Rewrite", "plan_delivery", "rewrite_reply"]
 

@@ -15,8 +15,9 @@ A fault has a *scope*, which says when its trigger is consulted:
     that connection for its whole life (:class:`CloseOnAccept`,
     :class:`Blackhole`, :class:`CloseAfterBytes`, :class:`SlowClose`).
 ``data``
-    Once per request (upstream) or reply (downstream) in the fault's direction
-    (:class:`Latency`, :class:`Bandwidth`, :class:`Slice`).
+    Once per chunk read from the client (upstream) and once per reply
+    (downstream), in the fault's direction (:class:`Latency`,
+    :class:`Bandwidth`, :class:`Slice`).
 ``reply``
     Once per reply (:class:`PartialReply`, :class:`CorruptReply`,
     :class:`WrongReply`, :class:`StopAnswering`).
@@ -74,11 +75,17 @@ def _check_number(owner: str, name: str, value: object, *, positive: bool) -> No
         raise TypeError(msg)
 
     if positive and not value > 0:
-        msg = f"{owner}: {name} must be greater than 0, got {value!r}; pass a positive value"
+        msg = (
+            f"{owner}: {name} must be greater than 0, got {value!r}; "
+            "pass a positive value"
+        )
         raise ValueError(msg)
 
     if not positive and not value >= 0:
-        msg = f"{owner}: {name} must be 0 or more, got {value!r}; pass a non-negative value"
+        msg = (
+            f"{owner}: {name} must be 0 or more, got {value!r}; "
+            "pass a non-negative value"
+        )
         raise ValueError(msg)
 
 
@@ -265,7 +272,10 @@ class Matches(Trigger):
         try:
             re.compile(self.pattern)
         except re.error as exc:
-            msg = f"Matches: pattern {self.pattern!r} is not a valid regular expression: {exc}"
+            msg = (
+                f"Matches: pattern {self.pattern!r} is not a valid regular "
+                f"expression ({exc}); fix the pattern"
+            )
             raise ValueError(msg) from exc
 
 
@@ -291,7 +301,10 @@ class Fault:
     def __post_init__(self) -> None:
         name = type(self).__name__
         if not isinstance(self.trigger, Trigger):
-            msg = f"{name}: trigger must be a Trigger (Always(), FirstN(2), ...), got {self.trigger!r}"
+            msg = (
+                f"{name}: trigger must be a Trigger (Always(), FirstN(2), ...), "
+                f"got {self.trigger!r}"
+            )
             raise TypeError(msg)
 
         allowed = self.allowed_triggers
@@ -566,8 +579,10 @@ class WrongReply(Fault):
     Parameters
     ----------
     reply
-        The bytes to send instead; None (the default) sends the previous reply
-        sent on the same connection (nothing, if there was none).
+        The bytes to send instead; None (the default) sends the reply that
+        the previous request on the same connection got from the script (or,
+        through the proxy, the previous chunk from the target): nothing, if
+        there was none.
     """
 
     kind: ClassVar[str] = "wrong_reply"

@@ -7,6 +7,16 @@ applied, the port closed or opened again) is appended as a frozen
 for assertions in tests and for the timeline printed when a scenario fails; it
 is not a packet capture: the proxy records byte counts per connection, not the
 bytes themselves.
+
+The kinds of event: ``opened``, ``closed`` (the endpoint, or a connection
+when it has a number), ``accepted``, ``closing`` (the endpoint starts to close
+a connection; with its byte counts), ``fault_added``, ``fault_removed``,
+``fault`` (a trigger fired), ``listener_closed`` and ``listener_reopened``
+(refused connections never reach the endpoint, so they are seen as the
+port's closing and opening), ``request``, ``reply``, ``unmatched``,
+``ignored``, ``silenced``, ``dropped``, ``handler_failed``, ``error``; for
+the proxy also ``data`` (with ``record_data=True``), ``target_connected``,
+``target_unreachable`` and ``target_closed``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,527 @@
+"""Tests for lvmopstools.testing.tcp.FaultProxy in front of real loopback servers.
+
+The targets are a FlakyServer (owned by the toolkit) and plain asyncio
+servers (foreign to the clock); the clients are AsyncSocketHandler and
+Retrier, in virtual time unless a test says otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from lvmopstools.retrier import Retrier
+from lvmopstools.socket import AsyncSocketHandler
+from lvmopstools.testing import _clock_io
+from lvmopstools.testing.clock import VirtualClock
+from lvmopstools.testing.tcp import (
+    AfterN,
+    Bandwidth,
+    Blackhole,
+    CloseAfterBytes,
+    CloseOnAccept,
+    CorruptReply,
+    Fault,
+    FaultProxy,
+    FirstN,
+    FlakyServer,
+    Latency,
+    Matches,
+    PartialReply,
+    RefuseConnections,
+    Slice,
+    SlowClose,
+    StopAnswering,
+    TimeWindow,
+    WrongReply,
+)
+
+pytestmark = pytest.mark.asyncio
+
+SCRIPT = {b"ping": b"pong\n", b"a": b"A\n", b"b": b"B\n"}
+LIMIT = 30
+
+
+# --- helpers ----------------------------------------------------------------------
+
+
+def _sockets() -> set[str]:
+    """Return the socket inodes this process holds open."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:"):
+                found.add(target)
+    return found
+
+
+@contextlib.asynccontextmanager
+async def nothing_left_open() -> AsyncIterator[None]:
+    """Assert that the block leaves no socket, task, hold or owned address."""
+    sockets = _sockets()
+    tasks = asyncio.all_tasks()
+    owned = {port: dict(hosts) for port, hosts in _clock_io._owned.items()}
+    holds = _clock_io.holds()
+
+    yield
+
+    assert _sockets() - sockets == set()
+    assert asyncio.all_tasks() - tasks == set()
+    assert _clock_io._owned == owned
+    assert _clock_io.holds() == holds  # No in_flight() hold left behind.
+
+
+@contextlib.asynccontextmanager
+async def device_behind_proxy(
+    *faults: Fault, **proxy_options: Any
+) -> AsyncIterator[tuple[FlakyServer, FaultProxy]]:
+    async with (
+        FlakyServer(SCRIPT) as device,
+        FaultProxy(device.host, device.port, faults=faults, **proxy_options) as proxy,
+    ):
+        yield device, proxy
+
+
+async def ask(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+) -> bytes:
+    """Send one line, return the line read back; raise if the server hung up."""
+    writer.write(request + b"\n")
+    reply = await reader.readline()
+    if not reply.endswith(b"\n"):
+        msg = f"server hung up, got {reply!r}"
+        raise ConnectionError(msg)
+    return reply
+
+
+def pinger(request: bytes = b"ping") -> Callable[..., Any]:
+    async def callback(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bytes:
+        return await ask(reader, writer, request)
+
+    return callback
+
+
+def handler(proxy: FaultProxy, **kwargs: Any) -> AsyncSocketHandler:
+    return AsyncSocketHandler(proxy.host, proxy.port, **kwargs)
+
+
+def free_port() -> int:
+    """Return a port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+# --- passing traffic through ------------------------------------------------------
+
+
+async def test_bytes_pass_both_ways_and_are_counted() -> None:
+    async with VirtualClock(), device_behind_proxy(record_data=True) as (device, proxy):
+        async with asyncio.timeout(LIMIT):
+            reply = await handler(proxy, retry=False)(pinger())
+            assert reply == b"pong\n"
+            await asyncio.sleep(1)  # Let the proxy see both sides close.
+
+        assert proxy.bytes_upstream == 5
+        assert proxy.bytes_downstream == 5
+        assert proxy.connections == 0
+    assert device.count("accepted") == 1
+    data = [(e.details["direction"], e.details["nbytes"]) for e in proxy.events("data")]
+    assert data == [("upstream", 5), ("downstream", 5)]
+    closing = proxy.events("closing")[0].details
+    assert (closing["bytes_in"], closing["bytes_out"]) == (5, 5)
+
+
+async def test_unfaulted_proxy_records_no_data_events_by_default() -> None:
+    async with VirtualClock(), device_behind_proxy() as (_, proxy):
+        async with asyncio.timeout(LIMIT):
+            assert await handler(proxy, retry=False)(pinger()) == b"pong\n"
+    assert proxy.count("data") == 0
+    assert proxy.count("target_connected") == 1
+
+
+async def test_bulk_data_passes_with_flow_control() -> None:
+    received = bytearray()
+    done = asyncio.Event()
+    total = 8 * 1024 * 1024
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while chunk := await reader.read(1 << 16):
+            received.extend(chunk)
+        writer.write(len(received).to_bytes(8, "big"))
+        await writer.drain()
+        writer.close()
+        done.set()
+
+    server = await asyncio.start_server(sink, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with FaultProxy("127.0.0.1", port) as proxy:
+            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            payload = bytes(range(256)) * (total // 256)
+            async with asyncio.timeout(LIMIT):
+                for offset in range(0, total, 1 << 20):
+                    writer.write(payload[offset : offset + (1 << 20)])
+                    await writer.drain()
+                writer.write_eof()  # Half-close: the sink answers after EOF.
+                count = int.from_bytes(await reader.readexactly(8), "big")
+                await done.wait()
+            writer.close()
+            await writer.wait_closed()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+    assert count == total
+    assert bytes(received) == payload
+
+
+async def test_foreign_target_in_virtual_time() -> None:
+    async def echo_later(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        line = await reader.readline()
+        await asyncio.sleep(2)
+        writer.write(line.upper())
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo_later, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with VirtualClock() as clock, FaultProxy("127.0.0.1", port) as proxy:
+            proxy.add_fault(Latency(1, direction="upstream"))
+            async with asyncio.timeout(LIMIT):
+                reply = await handler(proxy, retry=False)(pinger(b"hello"))
+            assert reply == b"HELLO\n"
+            assert clock.time() == 3
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_unreachable_target_closes_the_client() -> None:
+    async with VirtualClock(), FaultProxy("127.0.0.1", free_port()) as proxy:
+        with pytest.raises(ConnectionError, match="server hung up, got b''"):
+            async with asyncio.timeout(LIMIT):
+                await handler(proxy, retry=False)(pinger())
+    assert (
+        "ConnectionRefusedError"
+        in proxy.events("target_unreachable")[0].details["error"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        (("", 1), TypeError, "target_host must be a non-empty string"),
+        (("127.0.0.1", 0), ValueError, r"target_port must be .* got 0"),
+        (("127.0.0.1", True), ValueError, r"target_port must be .* got True"),
+        (("127.0.0.1", 1, b""), ValueError, r"terminator must be non-empty bytes"),
+    ],
+)
+async def test_bad_arguments_are_refused(
+    args: tuple[Any, ...], error: type[Exception], match: str
+) -> None:
+    host, port, *terminator = args
+    with pytest.raises(error, match=match):
+        FaultProxy(host, port, terminator=terminator[0] if terminator else None)
+
+
+# --- faults on live traffic -------------------------------------------------------
+
+
+async def test_refused_twice_then_success_at_the_backoff_time() -> None:
+    params = {"max_attempts": 3, "delay": 0, "seed": 21}
+    expected = Retrier(**params)
+    first, second = expected.calculate_delay(1), expected.calculate_delay(2)
+    refuse = RefuseConnections(trigger=TimeWindow(0, first + 1))
+    async with VirtualClock() as clock, device_behind_proxy(refuse) as (device, proxy):
+        async with asyncio.timeout(LIMIT):
+            reply = await handler(proxy, retrier_params=params)(pinger())
+        assert reply == b"pong\n"
+        assert clock.time() == pytest.approx(first + second, abs=1e-9)
+    assert proxy.count("accepted") == device.count("accepted") == 1
+
+
+async def test_blackhole_never_reaches_the_target() -> None:
+    async with (
+        VirtualClock() as clock,
+        device_behind_proxy(Blackhole()) as (device, proxy),
+    ):
+        with pytest.raises(TimeoutError, match="within timeout=4 s"):
+            async with asyncio.timeout(LIMIT):
+                await handler(proxy, timeout=4, retry=False)(pinger())
+        assert clock.time() == 4
+    assert device.count("accepted") == 0
+    assert proxy.count("dropped") == 1
+
+
+async def test_close_on_accept_with_reset_then_success() -> None:
+    params = {"max_attempts": 2, "delay": 0, "seed": 2}
+    wait = Retrier(**params).calculate_delay(1)
+    errors: list[Exception] = []
+    params["on_retry"] = lambda error, attempt: errors.append(error)
+    fault = CloseOnAccept(reset=True, trigger=FirstN(1))
+    async with VirtualClock() as clock, device_behind_proxy(fault) as (_, proxy):
+        async with asyncio.timeout(LIMIT):
+            reply = await handler(proxy, retrier_params=params)(pinger())
+        assert reply == b"pong\n"
+        assert clock.time() == pytest.approx(wait, abs=1e-9)
+    assert [type(error) for error in errors] == [ConnectionResetError]
+
+
+@pytest.mark.parametrize(
+    ("fault", "outcome"),
+    [
+        (CloseAfterBytes(3), b"pon"),
+        (PartialReply(1), b"p"),
+        (CloseAfterBytes(3, direction="upstream"), b""),
+    ],
+)
+async def test_cut_replies(fault: Fault, outcome: bytes) -> None:
+    async with VirtualClock(), device_behind_proxy(fault) as (_, proxy):
+        with pytest.raises(ConnectionError, match=f"server hung up, got {outcome!r}"):
+            async with asyncio.timeout(LIMIT):
+                await handler(proxy, retry=False)(pinger())
+
+
+async def test_partial_reply_with_reset() -> None:
+    async with (
+        VirtualClock(),
+        device_behind_proxy(PartialReply(reset=True)) as (_, proxy),
+    ):
+        with pytest.raises(ConnectionResetError):
+            async with asyncio.timeout(LIMIT):
+                await handler(proxy, retry=False)(pinger())
+
+
+async def test_latency_both_ways_and_bandwidth() -> None:
+    faults = [Latency(0.5, direction="both"), Bandwidth(1, direction="upstream")]
+    async with VirtualClock() as clock, device_behind_proxy(*faults) as (device, proxy):
+        async with asyncio.timeout(LIMIT):
+            reply = await handler(proxy, timeout=20, retry=False)(pinger())
+        assert reply == b"pong\n"
+        # 0.5 s each way, plus 5 bytes at 1 byte/s on the way up.
+        assert clock.time() == pytest.approx(6.0)
+    assert device.events("request")[0].elapsed == pytest.approx(5.5)
+
+
+async def test_slices_through_the_proxy() -> None:
+    async with (
+        VirtualClock() as clock,
+        device_behind_proxy(Slice(2, delay=1)) as (_, proxy),
+    ):
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"ping\n")
+        chunks = []
+        async with asyncio.timeout(LIMIT):
+            while sum(len(chunk) for chunk, _ in chunks) < 5:
+                chunks.append((await reader.read(100), clock.time()))
+        writer.close()
+        await writer.wait_closed()
+    assert chunks == [(b"po", 0), (b"ng", 1), (b"\n", 2)]
+
+
+async def test_reply_faults_with_pattern_triggers() -> None:
+    faults = [
+        WrongReply(trigger=Matches(b"^b")),
+        CorruptReply(mode="flip", trigger=Matches(b"^ping")),
+    ]
+    async with VirtualClock(), device_behind_proxy(*faults) as (_, proxy):
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        async with asyncio.timeout(LIMIT):
+            assert await ask(reader, writer, b"a") == b"A\n"
+            assert await ask(reader, writer, b"b") == b"A\n"
+            writer.write(b"ping\n")
+            flipped = await reader.readexactly(5)
+        writer.close()
+        await writer.wait_closed()
+    assert sum(x != y for x, y in zip(flipped, b"pong\n", strict=True)) == 1
+
+
+async def test_stop_answering_then_timeout() -> None:
+    fault = StopAnswering(trigger=AfterN(1))
+    async with VirtualClock() as clock, device_behind_proxy(fault) as (device, proxy):
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        async with asyncio.timeout(LIMIT):
+            assert await ask(reader, writer, b"a") == b"A\n"
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(2):
+                    await ask(reader, writer, b"b")
+        assert clock.time() == 2
+        writer.close()
+        await writer.wait_closed()
+    assert device.count("reply") == 2  # The device answered; the proxy dropped it.
+
+
+async def test_slow_close_delays_passing_on_the_targets_close() -> None:
+    fault = SlowClose(3)
+    async with VirtualClock() as clock, device_behind_proxy(fault) as (device, proxy):
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        async with asyncio.timeout(LIMIT):
+            assert await ask(reader, writer, b"a") == b"A\n"
+            device.add_fault(CloseOnAccept())  # Only for new connections.
+            assert device.connections == 1
+            await device.close()  # The device goes away...
+            assert await reader.read() == b""  # ...the client hears of it later.
+        assert clock.time() == 3
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_temporary_fault_on_a_live_connection() -> None:
+    async with VirtualClock() as clock, device_behind_proxy() as (_, proxy):
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        async with asyncio.timeout(LIMIT):
+            assert await ask(reader, writer, b"a") == b"A\n"
+            with proxy.fault(Latency(2)):
+                assert await ask(reader, writer, b"b") == b"B\n"
+                assert clock.time() == 2
+            assert await ask(reader, writer, b"a") == b"A\n"
+            assert clock.time() == 2
+        writer.close()
+        await writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def _proxied(fault: Fault) -> AsyncIterator[tuple[FaultProxy, int]]:
+    async with device_behind_proxy(fault, terminator=b"\n") as (_, proxy):
+        yield proxy, proxy.port
+
+
+# --- every fault through AsyncSocketHandler and Retrier -----------------------------
+
+RETRY = {"max_attempts": 2, "delay": 0, "seed": 0}
+WAIT = Retrier(**RETRY).calculate_delay(1)  # Before the second attempt.
+TIMEOUT = 3
+PONG = b"pong\n"
+GARBLED = b"<five garbled bytes>"
+HUNG_UP = ConnectionError  # The callback's own error: EOF before a whole line.
+
+OUTCOMES: list[tuple[Fault, object, int, float]] = [
+    # fault, reply or exception raised, attempts made, virtual seconds taken
+    (RefuseConnections(trigger=TimeWindow(0, 1)), PONG, 2, WAIT),
+    (CloseOnAccept(), HUNG_UP, 2, WAIT),
+    (CloseOnAccept(reset=True), ConnectionResetError, 2, WAIT),
+    (CloseOnAccept(delay=1), HUNG_UP, 2, 1 + WAIT + 1),
+    (Blackhole(), TimeoutError, 2, TIMEOUT + WAIT + TIMEOUT),
+    (Blackhole(close_after=1), HUNG_UP, 2, 1 + WAIT + 1),
+    (CloseAfterBytes(2), HUNG_UP, 2, WAIT),
+    (
+        CloseAfterBytes(2, direction="upstream", reset=True),
+        ConnectionResetError,
+        2,
+        WAIT,
+    ),
+    (SlowClose(2), PONG, 1, 0),
+    (Latency(1, direction="both"), PONG, 1, 2),
+    (Bandwidth(1), TimeoutError, 2, TIMEOUT + WAIT + TIMEOUT),
+    (Slice(1, delay=0.1), PONG, 1, 0.4),
+    (PartialReply(), HUNG_UP, 2, WAIT),
+    (PartialReply(reset=True), ConnectionResetError, 2, WAIT),
+    (CorruptReply(), GARBLED, 1, 0),
+    (WrongReply(), TimeoutError, 2, TIMEOUT + WAIT + TIMEOUT),  # No earlier reply.
+    (StopAnswering(), TimeoutError, 2, TIMEOUT + WAIT + TIMEOUT),
+]
+
+
+@pytest.mark.parametrize(
+    ("fault", "outcome", "attempts", "elapsed"),
+    OUTCOMES,
+    ids=[repr(case[0]) for case in OUTCOMES],
+)
+async def test_every_fault_through_handler_and_retrier(
+    fault: Fault, outcome: object, attempts: int, elapsed: float
+) -> None:
+    retried: list[Exception] = []
+    params = {**RETRY, "on_retry": lambda error, attempt: retried.append(error)}
+    async with VirtualClock() as clock, _proxied(fault) as (device, client_port):
+        ping = AsyncSocketHandler(
+            "127.0.0.1", client_port, timeout=TIMEOUT, retrier_params=params
+        )
+        async with asyncio.timeout(LIMIT):
+            if isinstance(outcome, type):
+                with pytest.raises(outcome):
+                    await ping(pinger())
+            else:
+                reply = await ping(pinger())
+                if outcome is GARBLED:
+                    assert len(reply) == len(PONG)
+                    assert reply != PONG
+                else:
+                    assert reply == outcome
+        assert clock.time() == pytest.approx(elapsed, abs=1e-9)
+
+    assert len(retried) == attempts - 1
+    refused = 1 if isinstance(fault, RefuseConnections) else 0
+    assert device.count("accepted") == attempts - refused
+
+
+# --- nothing left open --------------------------------------------------------------
+
+EVERY_FAULT: list[Fault] = [
+    RefuseConnections(trigger=TimeWindow(0, 1)),
+    CloseOnAccept(),
+    CloseOnAccept(reset=True),
+    Blackhole(),
+    Blackhole(close_after=1),
+    CloseAfterBytes(2),
+    CloseAfterBytes(2, direction="upstream", reset=True),
+    SlowClose(2),
+    Latency(1, jitter=0.5, direction="both"),
+    Bandwidth(10, direction="both"),
+    Slice(1, delay=0.1),
+    PartialReply(),
+    PartialReply(reset=True),
+    CorruptReply(),
+    WrongReply(),
+    StopAnswering(),
+]
+
+
+@pytest.mark.parametrize("fault", EVERY_FAULT, ids=lambda fault: repr(fault))
+async def test_nothing_left_open_after_each_fault(fault: Fault) -> None:
+    params = {"max_attempts": 2, "delay": 0, "seed": 0}
+    async with nothing_left_open(), VirtualClock():
+        async with device_behind_proxy(fault) as (_, proxy):
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(LIMIT):
+                    await handler(proxy, timeout=2, retrier_params=params)(pinger())
+            # A connection still open, with bytes on their way, is the proxy's.
+            _, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            writer.write(b"ping\n")
+            await asyncio.sleep(0.05)
+        assert proxy.connections == 0
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_nothing_left_open_when_the_block_raises() -> None:
+    clients: list[asyncio.StreamWriter] = []
+
+    async def failing_test() -> None:
+        async with device_behind_proxy(Latency(5)) as (_, proxy):
+            _, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            clients.append(writer)
+            writer.write(b"ping\n")
+            await asyncio.sleep(1)
+            raise RuntimeError("test failed here")
+
+    async with nothing_left_open(), VirtualClock():
+        with pytest.raises(RuntimeError, match="test failed here"):
+            await failing_test()
+        clients[0].close()
+        with contextlib.suppress(ConnectionError):
+            await clients[0].wait_closed()
