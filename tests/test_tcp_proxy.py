@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
+import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -45,10 +49,58 @@ from lvmopstools.testing.tcp import (
 pytestmark = pytest.mark.asyncio
 
 SCRIPT = {b"ping": b"pong\n", b"a": b"A\n", b"b": b"B\n"}
+# Loop seconds: virtual under a VirtualClock, where an idle loop reaches them at
+# once and a stalled one (an in_flight() hold) never does. REAL_LIMIT bounds
+# every test, its teardown included, in real time (see real_time_limit).
 LIMIT = 30
+REAL_LIMIT = 30.0
 
 
 # --- helpers ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def real_time_limit(seconds: float = REAL_LIMIT) -> Iterator[None]:
+    """Cancel the current task if the block runs for ``seconds`` of real time.
+
+    A thread's timer counts real time, which a virtual clock does not touch;
+    the block then raises TimeoutError.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        loop.call_soon_threadsafe(task.cancel)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not expired.is_set():
+            raise
+        task.uncancel()
+        msg = f"the test ran for more than {seconds} real seconds"
+        raise TimeoutError(msg) from None
+    finally:
+        timer.cancel()
+
+
+def _bounded(
+    test: Callable[..., Coroutine[Any, Any, None]],
+) -> Callable[..., Coroutine[Any, Any, None]]:
+    """Run ``test``, setup to teardown of what it opens, under real_time_limit."""
+
+    @functools.wraps(test)
+    async def bounded(*args: Any, **kwargs: Any) -> None:
+        with real_time_limit():
+            await test(*args, **kwargs)
+
+    return bounded
 
 
 def _sockets() -> set[str]:
@@ -525,3 +577,120 @@ async def test_nothing_left_open_when_the_block_raises() -> None:
         clients[0].close()
         with contextlib.suppress(ConnectionError):
             await clients[0].wait_closed()
+
+
+# --- regressions ---------------------------------------------------------------------
+
+
+async def test_closing_event_counts_bytes_on_the_fast_path() -> None:
+    async with VirtualClock(), device_behind_proxy() as (_, proxy):
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        async with asyncio.timeout(LIMIT):
+            assert await ask(reader, writer, b"ping") == b"pong\n"
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.sleep(1)
+        closing = proxy.events("closing")[0].details
+    assert (closing["bytes_in"], closing["bytes_out"]) == (5, 5)
+
+
+async def test_blackholed_connection_closes_when_the_client_does() -> None:
+    async with (
+        nothing_left_open(),
+        VirtualClock(),
+        device_behind_proxy(Blackhole()) as (_, proxy),
+    ):
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"ping\n")
+        writer.write_eof()
+        async with asyncio.timeout(LIMIT):
+            assert await reader.read() == b""
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.sleep(1)
+        assert proxy.connections == 0
+
+
+async def test_bytes_sent_after_the_target_hung_up_are_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    async with (
+        VirtualClock(),
+        FlakyServer({}, faults=[CloseOnAccept()]) as device,
+        FaultProxy(device.host, device.port) as proxy,
+    ):
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        async with asyncio.timeout(LIMIT):
+            assert await reader.read() == b""
+        for _ in range(8):
+            writer.write(b"x\n")
+            await asyncio.sleep(0.1)
+        assert proxy.count("dropped") == 8
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    assert "socket.send() raised exception" not in caplog.text
+
+
+@pytest.mark.parametrize("steps", range(8))
+async def test_close_at_any_step_of_a_connection_leaves_nothing(steps: int) -> None:
+    async with nothing_left_open(), FlakyServer(SCRIPT, name="target") as device:
+        proxy = FaultProxy(device.host, device.port)
+        await proxy.open()
+        client = socket.create_connection(proxy.address)
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        await proxy.close()
+        accepted = device.count("accepted")
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert device.count("accepted") == accepted
+        client.close()
+
+
+@pytest.mark.parametrize("seed", range(20))
+async def test_flip_without_a_terminator_keeps_the_last_byte(seed: int) -> None:
+    fault = CorruptReply(mode="flip")
+    async with device_behind_proxy(fault, seed=seed) as (_, proxy):
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"ping\n")
+        async with asyncio.timeout(LIMIT):
+            got = await reader.readexactly(5)
+        writer.close()
+        await writer.wait_closed()
+    assert got[-1:] == b"\n"
+    assert sum(a != b for a, b in zip(got, b"pong\n", strict=True)) == 1
+
+
+async def test_crash_on_the_target_side_is_raised_on_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*args: object) -> None:
+        raise OverflowError("rewriting broke")
+
+    proxies: list[FaultProxy] = []
+
+    async def session() -> None:
+        async with device_behind_proxy(Latency(0.1)) as (_, proxy):
+            proxies.append(proxy)
+            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            writer.write(b"ping\n")
+            with contextlib.suppress(ConnectionError):
+                async with asyncio.timeout(LIMIT):
+                    assert await reader.read() == b""
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    monkeypatch.setattr("lvmopstools.testing.tcp.proxy.rewrite_reply", broken)
+    async with nothing_left_open(), VirtualClock():
+        with pytest.raises(OverflowError, match="rewriting broke"):
+            await session()
+    assert proxies[0].count("error") == 1
+
+
+# Every test of this module runs under a real-time bound, teardown included.
+for _name, _test in list(globals().items()):
+    if _name.startswith("test_") and inspect.iscoroutinefunction(_test):
+        globals()[_name] = _bounded(_test)

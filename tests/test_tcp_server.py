@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
+import inspect
+import math
 import os
 import random
 import re
 import socket
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -45,16 +50,65 @@ from lvmopstools.testing.tcp import (
     SlowClose,
     StopAnswering,
     TimeWindow,
+    Trigger,
     WrongReply,
 )
 
 pytestmark = pytest.mark.asyncio
 
 SCRIPT = {b"ping": b"pong\n", b"a": b"A\n", b"b": b"B\n"}
-LIMIT = 30  # real seconds: no test may hang longer than this
+# Loop seconds: virtual under a VirtualClock, where an idle loop reaches them at
+# once and a stalled one (an in_flight() hold) never does. REAL_LIMIT bounds
+# every test, its teardown included, in real time (see real_time_limit).
+LIMIT = 30
+REAL_LIMIT = 30.0
 
 
 # --- helpers ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def real_time_limit(seconds: float = REAL_LIMIT) -> Iterator[None]:
+    """Cancel the current task if the block runs for ``seconds`` of real time.
+
+    A thread's timer counts real time, which a virtual clock does not touch;
+    the block then raises TimeoutError.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        loop.call_soon_threadsafe(task.cancel)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not expired.is_set():
+            raise
+        task.uncancel()
+        msg = f"the test ran for more than {seconds} real seconds"
+        raise TimeoutError(msg) from None
+    finally:
+        timer.cancel()
+
+
+def _bounded(
+    test: Callable[..., Coroutine[Any, Any, None]],
+) -> Callable[..., Coroutine[Any, Any, None]]:
+    """Run ``test``, setup to teardown of what it opens, under real_time_limit."""
+
+    @functools.wraps(test)
+    async def bounded(*args: Any, **kwargs: Any) -> None:
+        with real_time_limit():
+            await test(*args, **kwargs)
+
+    return bounded
 
 
 def _sockets() -> set[str]:
@@ -925,3 +979,194 @@ async def test_nothing_left_open_when_the_block_raises() -> None:
         clients[0].close()
         with contextlib.suppress(ConnectionError):
             await clients[0].wait_closed()
+
+
+# --- regressions ---------------------------------------------------------------------
+
+
+async def _slow_pong(request: Request) -> bytes:
+    await asyncio.sleep(1)  # Virtual: the device takes a second to answer.
+    return b"pong\n"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"script": SCRIPT, "faults": [Latency(1.0)]},
+        {"script": SCRIPT, "faults": [Slice(2, delay=0.5)]},
+        {"script": SCRIPT, "faults": [Bandwidth(2)]},
+        {"script": SCRIPT, "faults": [Latency(1.0, direction="upstream")]},
+        {"handler": _slow_pong},
+    ],
+    ids=["latency", "slice", "bandwidth", "upstream-latency", "async-handler"],
+)
+async def test_half_closing_client_gets_every_reply(options: dict[str, Any]) -> None:
+    async with nothing_left_open(), VirtualClock():
+        async with FlakyServer(**options) as server:
+            reader, writer = await asyncio.open_connection(server.host, server.port)
+            writer.write(b"ping\nping\n")
+            writer.write_eof()
+            async with asyncio.timeout(LIMIT):
+                assert await reader.read() == b"pong\npong\n"
+            writer.close()
+            await writer.wait_closed()
+        assert server.count("reply") == 2
+
+
+async def _accepted_not_adopted(server: FlakyServer) -> socket.socket:
+    """Connect, then return once the accept ran but its adopting task did not."""
+    client = socket.create_connection(server.address)
+    for _ in range(100):
+        if server.count("accepted"):
+            return client
+        await asyncio.sleep(0)
+    client.close()
+    pytest.fail("the server did not accept the connection")
+
+
+async def test_close_right_after_an_accept_neither_hangs_nor_leaks() -> None:
+    async with nothing_left_open():
+        server = FlakyServer(SCRIPT)
+        await server.open()
+        client = await _accepted_not_adopted(server)
+        await server.close()
+        assert server.connections == 0
+        client.close()
+
+
+@pytest.mark.parametrize("steps", range(8))
+async def test_close_at_any_step_of_a_connection_leaves_nothing(steps: int) -> None:
+    async with nothing_left_open():
+        server = FlakyServer(SCRIPT)
+        await server.open()
+        client = socket.create_connection(server.address)
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        await server.close()
+        client.close()
+
+
+@pytest.mark.parametrize(("reply", "nbytes"), [(b"A\n", 2), (b"x", 2), (b"pong\n", 1)])
+@pytest.mark.parametrize("seed", range(20))
+async def test_flip_changes_distinct_bytes_and_keeps_the_terminator(
+    reply: bytes, nbytes: int, seed: int
+) -> None:
+    fault = CorruptReply(mode="flip", nbytes=nbytes)
+    async with FlakyServer({b"a": reply}, faults=[fault], seed=seed) as server:
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(b"a\n")
+        async with asyncio.timeout(LIMIT):
+            got = await reader.readexactly(len(reply))
+        writer.close()
+        await writer.wait_closed()
+
+    changed = [i for i in range(len(reply)) if got[i] != reply[i]]
+    body = len(reply) - 1 if reply.endswith(b"\n") else len(reply)
+    assert len(changed) == min(nbytes, body)
+    assert all(got[i] == reply[i] ^ 0xFF for i in changed)
+    assert got.endswith(b"\n") == reply.endswith(b"\n")
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: Bandwidth(float("inf")), r"Bandwidth: rate must be a finite number"),
+        (lambda: Latency(float("inf")), r"Latency: delay must be a finite number"),
+        (lambda: Latency(1, jitter=float("nan")), r"jitter must be a finite number"),
+        (lambda: Slice(1, delay=float("inf")), r"Slice: delay must be a finite"),
+        (lambda: SlowClose(float("inf")), r"SlowClose: delay must be a finite"),
+        (lambda: Blackhole(close_after=math.inf), r"use close_after=None"),
+        (lambda: TimeWindow(0, math.inf), r"use end=None"),
+    ],
+)
+async def test_non_finite_values_are_refused(
+    make: Callable[[], object], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("patched", "fault"),
+    [
+        ("plan_delivery", Latency(1.0)),  # Raises in data_received.
+        ("rewrite_reply", Latency(1.0, direction="upstream")),  # In a pipe timer.
+    ],
+)
+async def test_crash_in_a_protocol_callback_is_raised_on_close(
+    monkeypatch: pytest.MonkeyPatch, patched: str, fault: Fault
+) -> None:
+    def broken(*args: object) -> None:
+        raise OverflowError("shaping broke")
+
+    server = FlakyServer(SCRIPT, faults=[fault])
+
+    async def session() -> None:
+        async with server:
+            reader, writer = await asyncio.open_connection(server.host, server.port)
+            writer.write(b"ping\n")
+            with contextlib.suppress(ConnectionError):
+                async with asyncio.timeout(LIMIT):
+                    assert await reader.read() == b""
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    monkeypatch.setattr(f"lvmopstools.testing.tcp.server.{patched}", broken)
+    async with nothing_left_open(), VirtualClock():
+        with pytest.raises(OverflowError, match="shaping broke"):
+            await session()
+    assert server.count("error") == 1
+
+
+@pytest.mark.parametrize("trigger", [FirstN(1), AfterN(1), EveryKth(2)], ids=repr)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda trigger: Latency(1, direction="both", trigger=trigger),
+        lambda trigger: Bandwidth(1, direction="both", trigger=trigger),
+        lambda trigger: Slice(1, direction="both", trigger=trigger),
+    ],
+    ids=["latency", "bandwidth", "slice"],
+)
+async def test_count_triggers_on_both_directions_are_not_supported(
+    make: Callable[[Trigger], Fault], trigger: Trigger
+) -> None:
+    with pytest.raises(
+        NotImplementedError,
+        match=r"direction='both' with a \w+ trigger is not supported: the way in",
+    ):
+        make(trigger)
+
+
+async def test_a_failing_accept_stops_accepting_and_is_raised_on_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = 0
+
+    def accept(self: socket.socket) -> tuple[socket.socket, Any]:
+        nonlocal calls
+        calls += 1
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    server = FlakyServer(SCRIPT)
+
+    async def session() -> None:
+        async with server:
+            monkeypatch.setattr(socket.socket, "accept", accept)
+            client = socket.create_connection(server.address)
+            for _ in range(50):  # Loop iterations, each one polling the port.
+                await asyncio.sleep(0)
+            monkeypatch.undo()
+            client.close()
+
+    with pytest.raises(OSError, match=r"accept\(\) failed .*Too many open files"):
+        await session()
+    assert calls == 1  # Not once per loop iteration.
+    assert server.count("error") == 1
+
+
+# Every test of this module runs under a real-time bound, teardown included.
+for _name, _test in list(globals().items()):
+    if _name.startswith("test_") and inspect.iscoroutinefunction(_test):
+        globals()[_name] = _bounded(_test)

@@ -209,10 +209,12 @@ class Endpoint:
         ----------
         raise_errors
             Keyword only. Raise the first error that happened in the
-            background (a failing reply function, a port that could not be
-            opened again), after cleaning up. ``async with`` passes False when
-            the block raised, so that the block's error is the one seen; the
-            errors stay in the log as ``"error"`` events.
+            background (a failing reply function, an error inside a
+            connection's callbacks or timers, a failed ``accept()``, a port
+            that could not be opened again), after cleaning up. ``async
+            with`` passes False when the block raised, so that the block's
+            error is the one seen; the errors stay in the log as ``"error"``
+            events.
         """
         if self._closing or not self._opened:
             return
@@ -222,15 +224,18 @@ class Endpoint:
             self._cancel_handles(state)
         self._close_listener(record=False)
 
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-        links = list(self._links)
-        for link in links:
-            link.abort()
-        if links:
+        # Links first: a task cancelled before its first step cleans nothing
+        # up, so each link closes what it holds (an accepted socket not yet
+        # adopted, its target connection). Tasks started meanwhile (a proxy
+        # connecting to its target) are caught by the next round.
+        while self._links or self._tasks:
+            links = list(self._links)
+            tasks = list(self._tasks)
+            for link in links:
+                link.abort()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.gather(*(link.wait_closed() for link in links))
 
         if self._unregister is not None:
@@ -260,7 +265,7 @@ class Endpoint:
         """Wrap an accepted socket in a transport driven by ``link``."""
         assert self._loop is not None
         try:
-            await self._loop.connect_accepted_socket(lambda: link, sock)
+            await self._loop.connect_accepted_socket(link.adopt, sock)
         except BaseException:
             self._links.discard(link)
             sock.close()
@@ -318,7 +323,7 @@ class Endpoint:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.debug("%s: accept failed: %r", self.name, exc)
+                self._accept_failed(sock, exc)
                 return
 
             conn.setblocking(False)
@@ -328,8 +333,25 @@ class Endpoint:
             self.record("accepted", number, peer=f"{peer[0]}:{peer[1]}")
             fired = [fault for fault, _ in self.select("connection", connection=number)]
             link = self.make_link(number, fired)
+            link.sock = conn
             self._links.add(link)
             self.spawn(self._adopt(conn, link))
+
+    def _accept_failed(self, sock: socket.socket, exc: OSError) -> None:
+        # Limitation: the port stops accepting (the socket stays readable while
+        # the error lasts, so watching it would spin the loop); clients that
+        # connect from now on wait in the backlog until close().
+        assert self._loop is not None
+        self._loop.remove_reader(sock.fileno())
+        msg = (
+            f"{self.name}: accept() failed on port {self._port} "
+            f"({exc.strerror or exc!r}), so the port stopped accepting "
+            "connections; raise the open-file limit (ulimit -n) or close the "
+            "connections the test no longer needs"
+        )
+        error = OSError(exc.errno, msg)
+        error.__cause__ = exc
+        self.fail(error)
 
     def _close_listener(self, *, record: bool = True) -> None:
         sock = self._listener

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import socket
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -136,6 +137,12 @@ class Pipe:
 
     def _fire(self) -> None:
         self.timer = None
+        try:
+            self._deliver_due()
+        except Exception as exc:
+            self.link.crashed(exc)
+
+    def _deliver_due(self) -> None:
         now = self.link.loop.time()
         queue = self.queue
         while queue and queue[0][0] <= now:
@@ -173,6 +180,8 @@ class Link(asyncio.Protocol):
         self.number = number
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
+        # The accepted socket, until the loop wraps it in a transport.
+        self.sock: socket.socket | None = None
         self.lost: asyncio.Future[None] = self.loop.create_future()
         self.closing = False
         self.half_closed = False
@@ -203,6 +212,11 @@ class Link(asyncio.Protocol):
                 if fault.direction in ("downstream", "both"):
                     self.down.budgets.append(budget)
 
+    def adopt(self) -> Link:
+        """Hand the accepted socket to the loop; the protocol factory."""
+        self.sock = None
+        return self
+
     # --- asyncio.Protocol ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -226,7 +240,17 @@ class Link(asyncio.Protocol):
             self.lost.set_result(None)
         self.endpoint.link_lost(self, exc)
 
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.received(data)
+        except Exception as exc:
+            self.crashed(exc)
+
     # --- for subclasses -----------------------------------------------------------
+
+    def received(self, data: bytes) -> None:
+        """Take bytes read from the client."""
+        raise NotImplementedError
 
     def upstream_sink(self, data: bytes) -> None:
         """Take bytes coming from the client, once they are due."""
@@ -254,8 +278,22 @@ class Link(asyncio.Protocol):
         self, delay: float, callback: Callable[..., None], *args: Any, **kw: Any
     ) -> None:
         """Run ``callback`` after ``delay`` loop seconds unless the link is lost."""
-        handle = self.loop.call_later(delay, lambda: callback(*args, **kw))
-        self._handles.append(handle)
+
+        def run() -> None:
+            try:
+                callback(*args, **kw)
+            except Exception as exc:
+                self.crashed(exc)
+
+        self._handles.append(self.loop.call_later(delay, run))
+
+    def crashed(self, exc: Exception) -> None:
+        """Abort the link after an error in one of its callbacks or timers.
+
+        The error is kept by the endpoint, whose ``close()`` raises it.
+        """
+        self.endpoint.fail(exc)
+        self.abort()
 
     def record(self, kind: str, **details: Any) -> None:
         """Add an event of this connection to the endpoint's log."""
@@ -288,6 +326,14 @@ class Link(asyncio.Protocol):
         self.close_peer(reset=True)
         if self.transport is not None:
             self.transport.abort()
+        elif self.sock is not None:
+            # The loop never took the accepted socket (the endpoint closed
+            # before adopting it): close it here and end the link as asyncio
+            # would have.
+            sock, self.sock = self.sock, None
+            set_reset(sock)
+            sock.close()
+            self.connection_lost(None)
 
     def _close_now(self, reset: bool) -> None:
         self.down.cancel()
@@ -318,7 +364,11 @@ class Link(asyncio.Protocol):
             return None  # Both sides sent their FIN: asyncio closes the transport.
         if self.closing:
             return True  # A slow close is pending; it closes the transport.
-        return self.client_eof()
+        try:
+            return self.client_eof()
+        except Exception as exc:
+            self.crashed(exc)
+            return None
 
     def client_eof(self) -> bool | None:
         """React to the client's FIN while the link is not closing."""

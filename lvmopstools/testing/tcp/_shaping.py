@@ -133,6 +133,28 @@ def rewrite_reply(
     return result
 
 
+def _flip(data: bytes, nbytes: int, faker: Faker, terminator: bytes | None) -> bytes:
+    """Invert ``nbytes`` distinct bytes of ``data``, never its terminator.
+
+    With no terminator known, the last byte is kept instead (it may end a
+    frame), unless it is the only one.
+    """
+    if terminator and data.endswith(terminator):
+        eligible = len(data) - len(terminator)
+    elif terminator is None and len(data) > 1:
+        eligible = len(data) - 1
+    else:
+        eligible = len(data)
+
+    out = bytearray(data)
+    for index in faker.random.sample(range(eligible), min(nbytes, eligible)):
+        flipped = out[index] ^ 0xFF
+        if terminator and flipped == terminator[0]:
+            flipped ^= 0x80  # Keep a second terminator out of the reply.
+        out[index] = flipped
+    return bytes(out)
+
+
 def _corrupt(
     data: bytes, fault: CorruptReply, faker: Faker, terminator: bytes | None
 ) -> bytes:
@@ -140,11 +162,7 @@ def _corrupt(
         return data
 
     if fault.mode == "flip":
-        out = bytearray(data)
-        for _ in range(fault.nbytes):
-            index = faker.random_int(0, len(out) - 1)
-            out[index] ^= 0xFF
-        return bytes(out)
+        return _flip(data, fault.nbytes, faker, terminator)
 
     tail = b""
     if terminator and data.endswith(terminator):

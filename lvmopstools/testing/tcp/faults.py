@@ -17,7 +17,10 @@ A fault has a *scope*, which says when its trigger is consulted:
 ``data``
     Once per chunk read from the client (upstream) and once per reply
     (downstream), in the fault's direction (:class:`Latency`,
-    :class:`Bandwidth`, :class:`Slice`).
+    :class:`Bandwidth`, :class:`Slice`). A fault with ``direction="both"``
+    is consulted on each of the two, as two occasions; for that reason it
+    takes no count trigger (:class:`FirstN`, :class:`AfterN`,
+    :class:`EveryKth` raise NotImplementedError there).
 ``reply``
     Once per reply (:class:`PartialReply`, :class:`CorruptReply`,
     :class:`WrongReply`, :class:`StopAnswering`).
@@ -32,6 +35,7 @@ duplicated segments, MTU effects), TLS, and UDP.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -68,11 +72,25 @@ Scope = Literal["listener", "connection", "data", "reply"]
 _DIRECTIONS = ("upstream", "downstream", "both")
 
 
-def _check_number(owner: str, name: str, value: object, *, positive: bool) -> None:
-    """Raise if ``value`` is not a real number that is >= 0 (or > 0)."""
+def _check_number(
+    owner: str,
+    name: str,
+    value: object,
+    *,
+    positive: bool,
+    infinite: str = "pass a finite value",
+) -> None:
+    """Raise if ``value`` is not a finite real number that is >= 0 (or > 0).
+
+    ``infinite`` tells the user what to do instead of an infinite value.
+    """
     if isinstance(value, bool) or not isinstance(value, int | float):
         msg = f"{owner}: {name} must be a number of seconds or bytes, got {value!r}"
         raise TypeError(msg)
+
+    if not math.isfinite(value):
+        msg = f"{owner}: {name} must be a finite number, got {value!r}; {infinite}"
+        raise ValueError(msg)
 
     if positive and not value > 0:
         msg = (
@@ -206,7 +224,13 @@ class TimeWindow(Trigger):
     def __post_init__(self) -> None:
         _check_number("TimeWindow", "start", self.start, positive=False)
         if self.end is not None:
-            _check_number("TimeWindow", "end", self.end, positive=False)
+            _check_number(
+                "TimeWindow",
+                "end",
+                self.end,
+                positive=False,
+                infinite="use end=None for a window that stays open",
+            )
             if self.end <= self.start:
                 msg = (
                     f"TimeWindow: end ({self.end!r}) must be after start "
@@ -280,6 +304,22 @@ class Matches(Trigger):
 
 
 # --- faults ---------------------------------------------------------------------
+
+
+def _check_counted_both(owner: str, direction: str, trigger: Trigger) -> None:
+    """Raise NotImplementedError for a count trigger on both directions."""
+    # Limitation: the request leg and the reply leg of a "both" data fault are
+    # separate occasions (a read chunk is not a request, a proxied chunk not a
+    # reply), so a count would not be a count of requests.
+    if direction == "both" and isinstance(trigger, FirstN | AfterN | EveryKth):
+        msg = (
+            f"{owner}: direction='both' with a {type(trigger).__name__} trigger "
+            "is not supported: the way in and the way out are counted as "
+            f"separate occasions, so {trigger!r} would not count requests. Add "
+            "one fault with direction='upstream' and one with "
+            "direction='downstream', each with its own trigger"
+        )
+        raise NotImplementedError(msg)
 
 
 @dataclass(frozen=True)
@@ -380,7 +420,13 @@ class Blackhole(Fault):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.close_after is not None:
-            _check_number("Blackhole", "close_after", self.close_after, positive=False)
+            _check_number(
+                "Blackhole",
+                "close_after",
+                self.close_after,
+                positive=False,
+                infinite="use close_after=None to keep the connection open",
+            )
 
 
 @dataclass(frozen=True)
@@ -458,6 +504,7 @@ class Latency(Fault):
         _check_number("Latency", "delay", self.delay, positive=False)
         _check_number("Latency", "jitter", self.jitter, positive=False)
         _check_direction("Latency", self.direction)
+        _check_counted_both("Latency", self.direction, self.trigger)
 
 
 @dataclass(frozen=True)
@@ -479,8 +526,15 @@ class Bandwidth(Fault):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_number("Bandwidth", "rate", self.rate, positive=True)
+        _check_number(
+            "Bandwidth",
+            "rate",
+            self.rate,
+            positive=True,
+            infinite="remove the fault for an unlimited rate",
+        )
         _check_direction("Bandwidth", self.direction)
+        _check_counted_both("Bandwidth", self.direction, self.trigger)
 
 
 @dataclass(frozen=True)
@@ -516,6 +570,7 @@ class Slice(Fault):
         _check_number("Slice", "delay", self.delay, positive=False)
         _check_count("Slice", "size_variation", self.size_variation, minimum=0)
         _check_direction("Slice", self.direction)
+        _check_counted_both("Slice", self.direction, self.trigger)
 
 
 @dataclass(frozen=True)
@@ -553,10 +608,19 @@ class CorruptReply(Fault):
     mode
         ``"garbage"``: random bytes of the same length (the framing
         terminator, if the reply ends with one, is kept so the client still
-        reads one reply); ``"flip"``: ``nbytes`` randomly chosen bytes are
-        inverted.
+        reads one reply); ``"flip"``: ``nbytes`` distinct, randomly chosen
+        bytes are inverted (XOR 0xFF), never those of the terminator the
+        reply ends with; when no terminator is known (raw or fixed-length
+        framing, a proxy without ``terminator``) the last byte is kept
+        instead, unless the reply has only one byte. No flipped byte becomes
+        the terminator's first byte.
     nbytes
-        How many bytes to flip in ``"flip"`` mode.
+        How many bytes to flip in ``"flip"`` mode; a reply with fewer bytes
+        that may be flipped has all of them flipped.
+
+    .. note::
+        A reply that is nothing but the terminator has no byte to corrupt
+        and is sent unchanged, in either mode.
     """
 
     kind: ClassVar[str] = "corrupt_reply"
@@ -600,9 +664,10 @@ class WrongReply(Fault):
 class StopAnswering(Fault):
     """From the triggering reply on, the connection answers nothing more.
 
-    The connection stays open and everything the client sends is read and
-    dropped. Combine with :class:`AfterN` for "answers three requests, then
-    goes silent".
+    The connection stays open. :class:`FlakyServer` reads and drops
+    everything the client sends from then on; :class:`FaultProxy` still
+    forwards it to the target, and drops what the target sends back. Combine
+    with :class:`AfterN` for "answers three requests, then goes silent".
     """
 
     kind: ClassVar[str] = "stop_answering"

@@ -79,10 +79,14 @@ class FaultProxy(Endpoint):
     .. note::
         While it connects to the target the proxy holds
         :func:`~lvmopstools.testing.clock.in_flight`, so a virtual clock does
-        not jump past a connection that is being set up. It cannot know when
-        a target that is not a toolkit server will answer: for such a target
-        the clock waits its real ``quiet_period`` before each jump, as for any
-        foreign socket.
+        not jump past a connection that is being set up. It holds nothing
+        while a request waits for the target's reply: it cannot know when a
+        target that is not a toolkit server will answer. For such a target
+        the clock only waits its real ``quiet_period`` before each jump, as
+        for any foreign socket, so a reply that takes longer than that (a
+        broker in another process under load) can arrive after the clock
+        jumped past a client's timeout. Hold ``in_flight()`` in the test
+        around such a wait, or run that test in real time.
 
     .. note::
         On exit every client connection, every connection to the target,
@@ -179,6 +183,12 @@ class _TargetSide(asyncio.Protocol):
         self.link = link
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[None] = link.loop.create_future()
+        self.created = False
+
+    def create(self) -> _TargetSide:
+        """Return the protocol; the factory, called once the socket connected."""
+        self.created = True
+        return self
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -188,14 +198,27 @@ class _TargetSide(asyncio.Protocol):
         link = self.link
         link.bytes_down += len(data)
         client = link.transport
-        if link.simple and not link.down.queue and not link.endpoint.has_faults:
+        if (
+            link.simple
+            and not link.closing
+            and not link.down.queue
+            and not link.endpoint.has_faults
+        ):
             assert client is not None
+            link.bytes_out += len(data)
             client.write(data)
             return
-        link.from_target(data)
+
+        try:
+            link.from_target(data)
+        except Exception as exc:
+            link.crashed(exc)
 
     def eof_received(self) -> bool | None:
-        self.link.target_closed()
+        try:
+            self.link.target_closed()
+        except Exception as exc:
+            self.link.crashed(exc)
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -233,12 +256,18 @@ class _ProxyLink(Link):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        if self.blackhole is None and self.close_on_accept is None:
+        if self.has_target and not self.closing:
             self.endpoint.spawn(self._connect())
+
+    @property
+    def has_target(self) -> bool:
+        """False when a connection fault keeps the proxy from the target."""
+        return self.blackhole is None and self.close_on_accept is None
 
     async def _connect(self) -> None:
         proxy = self.endpoint
         target = _TargetSide(self)
+        self.target = target  # From now on, wait_closed() waits for it too.
         # Limitation: a virtual clock cannot jump while this hold lasts, so a
         # target that never answers the SYN stalls virtual time until the
         # operating system gives up; a loopback target answers or refuses
@@ -246,15 +275,19 @@ class _ProxyLink(Link):
         try:
             with in_flight():
                 await self.loop.create_connection(
-                    lambda: target, proxy.target_host, proxy.target_port
+                    target.create, proxy.target_host, proxy.target_port
                 )
-        except OSError as exc:
+        except BaseException as exc:
+            if not target.created:
+                # No transport was made, so no connection_lost will come.
+                target.lost.set_result(None)
+            if not isinstance(exc, OSError):
+                raise
             self.record("target_unreachable", error=repr(exc))
             log.debug("%s: cannot reach the target: %r", proxy.name, exc)
             self.close()
             return
 
-        self.target = target
         self.upstream = target.transport
         self.record("target_connected")
         if self.closing:
@@ -274,12 +307,14 @@ class _ProxyLink(Link):
 
     # --- client to target ---------------------------------------------------------
 
-    def data_received(self, data: bytes) -> None:
+    def received(self, data: bytes) -> None:
+        """Take bytes read from the client: pass them on, or through the faults."""
         self.bytes_in += len(data)
         upstream = self.upstream
         if (
             upstream is not None
             and self.simple
+            and not self.closing
             and not self.up.queue
             and not self.endpoint.has_faults
         ):
@@ -309,6 +344,10 @@ class _ProxyLink(Link):
         self.upstream.write(data)
 
     def client_eof(self) -> bool | None:
+        if not self.has_target:
+            # Nobody else will ever answer: close, as the client did.
+            self.close()
+            return True
         self.up.send_last(self._send_eof)
         return True
 

@@ -251,7 +251,10 @@ class FlakyServer(Endpoint):
         :class:`~lvmopstools.testing.tcp.faults.PartialReply`) is half-closed
         as TCP does it: the server keeps reading and
         dropping what the client sends until the client closes its side, so
-        that unread bytes do not turn the FIN into a reset.
+        that unread bytes do not turn the FIN into a reset. A client that
+        half-closes its side (``write_eof()``) still gets the replies to
+        everything it sent before, delayed or computed by an async reply
+        function: the server closes once the last of them has left.
 
     .. note::
         On exit every connection, timer and task of the server is closed, and
@@ -362,8 +365,10 @@ class _ServerLink(Link):
         self.silenced = False
         self.backlog: deque[bytes] = deque()
         self.busy = False
+        self.requests_done = False
 
-    def data_received(self, data: bytes) -> None:
+    def received(self, data: bytes) -> None:
+        """Take bytes read from the client through the upstream data faults."""
         self.bytes_in += len(data)
         if self.closing or self.blackhole or self.close_on_accept:
             self.record("dropped", nbytes=len(data))
@@ -435,6 +440,23 @@ class _ServerLink(Link):
         self.reply(data, reply)
         while self.backlog and not self.busy and not self.closing:
             self.request(self.backlog.popleft())
+        self._close_when_answered()
+
+    def client_eof(self) -> bool | None:
+        """Answer what the client sent before its FIN, then close."""
+        self.up.send_last(self._requests_done)
+        return True  # Keep the transport open for the replies.
+
+    def _requests_done(self) -> None:
+        self.requests_done = True
+        self._close_when_answered()
+
+    def _close_when_answered(self) -> None:
+        # After the client's FIN, the link closes once the last request is
+        # read, its handler is done, the backlog is empty and the replies
+        # have left: nothing can queue a reply after that.
+        if self.requests_done and not self.busy and not self.backlog:
+            self.down.send_last(self.close)
 
     def _failed(self, data: bytes, exc: Exception) -> None:
         self.endpoint.fail(exc)
