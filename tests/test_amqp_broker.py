@@ -11,11 +11,12 @@ left nothing behind once it has run its course.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import struct
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import aiormq
@@ -23,7 +24,9 @@ import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 from clu import AMQPClient
+from pamqp import body as body_frame
 from pamqp import commands, frame
+from pamqp import header as header_frame
 
 from lvmopstools.actor import ErrorCodesBase, LVMActor
 from lvmopstools.testing.amqp import (
@@ -40,12 +43,16 @@ from lvmopstools.testing.amqp import (
     WithholdConfirms,
     fault_from_dict,
 )
+from lvmopstools.testing.amqp.channel import Channel
 from lvmopstools.testing.amqp.external import ExternalBroker
+from lvmopstools.testing.amqp.model import AMQPError
 from lvmopstools.testing.amqp.wire import decode_method, deliver_frame
+from lvmopstools.testing.clock import VirtualClock
 
 WAIT = 10.0  # Upper bound, in seconds, on any single wait in this module.
 
 Connect = Callable[..., Awaitable[AbstractConnection]]
+T = TypeVar("T")
 
 
 def unique(prefix: str) -> str:
@@ -112,6 +119,24 @@ async def closed_with(closing: asyncio.Future[Any]) -> BaseException:
     pytest.fail("closed without an error")
 
 
+async def waiting_task(wait: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:
+    """Start ``wait()`` in a task; return once the broker has its waiter.
+
+    The broker's waits register their waiter before they first suspend, so
+    once the task has signalled and then suspended, the waiter is in place.
+    """
+    registered = asyncio.Event()
+
+    async def run() -> T:
+        registered.set()
+        return await wait()
+
+    task = asyncio.create_task(run())
+    async with asyncio.timeout(WAIT):
+        await registered.wait()
+    return task
+
+
 class QuietActor(LVMActor):
     """An LVMActor whose health check always passes."""
 
@@ -169,6 +194,23 @@ async def test_start_stop_and_start_again_on_the_same_port() -> None:
     assert not broker.is_running
     assert broker.leftovers() == []
     assert asyncio.all_tasks() - tasks_before == set()
+
+
+@pytest.mark.asyncio
+async def test_url_quotes_credentials_and_vhost() -> None:
+    broker = MockBroker(user="ops:1", password="p@ss/w#rd", vhost="lvm/test")
+
+    async with broker:
+        url = broker.url
+        async with asyncio.timeout(WAIT):
+            connection = await aio_pika.connect(url)
+        channel = await connection.channel()
+        await channel.declare_queue(exclusive=True)
+        await connection.close()
+        await broker.wait_connections(0, timeout=WAIT)
+
+    assert url == f"amqp://ops%3A1:p%40ss%2Fw%23rd@127.0.0.1:{broker.port}/lvm%2Ftest"
+    assert broker.leftovers() == []
 
 
 @pytest.mark.asyncio
@@ -325,6 +367,50 @@ async def test_unimplemented_methods_close_the_connection(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("arguments", "text"),
+    [
+        ({"x-message-ttl": 1000}, "queue argument 'x-message-ttl' (value 1000) is"),
+        ({"x-expires": 500}, "queue argument 'x-expires' (value 500) is"),
+        ({"x-max-length": 2}, "queue argument 'x-max-length' (value 2) is"),
+        (
+            {"x-dead-letter-exchange": "dlx"},
+            "queue argument 'x-dead-letter-exchange' (value 'dlx') is",
+        ),
+        ({"x-max-priority": 5}, "queue argument 'x-max-priority' (value 5) is"),
+        (
+            {"x-overflow": "reject-publish"},
+            "queue argument 'x-overflow' (value 'reject-publish') is",
+        ),
+        (
+            {"x-queue-type": "quorum"},
+            "queue argument 'x-queue-type' (value 'quorum') is not implemented "
+            "by the mock broker; only classic queues are",
+        ),
+    ],
+    ids=[
+        "ttl",
+        "expires",
+        "max-length",
+        "dead-letter",
+        "priority",
+        "overflow",
+        "quorum",
+    ],
+)
+async def test_unsimulated_queue_arguments_close_the_connection(
+    connect: Connect, arguments: dict[str, Any], text: str
+) -> None:
+    channel = await (await connect()).channel()
+
+    with pytest.raises(
+        aiormq.exceptions.ConnectionNotImplemented,
+        match=f"NOT_IMPLEMENTED - {re.escape(text)}",
+    ):
+        await channel.declare_queue(unique("q"), arguments=arguments)
+
+
+@pytest.mark.asyncio
 async def test_unknown_method_is_named(broker: MockBroker) -> None:
     reader, writer, read = await raw_open(broker.port)
     try:
@@ -346,6 +432,33 @@ async def test_unknown_method_is_named(broker: MockBroker) -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_broker_bug_closes_the_connection_with_internal_error(
+    connect: Connect, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(self: Channel, method: Any) -> None:
+        raise ZeroDivisionError("simulated bug")
+
+    monkeypatch.setattr(Channel, "_queue_purge", broken)
+    connection = await connect()
+    bystander = await (await connect()).channel()
+    channel = await connection.channel()
+    queue = await channel.declare_queue(unique("q"), exclusive=True)
+    closing = connection.transport.connection.closing  # type: ignore[union-attr]
+
+    with pytest.raises(
+        aiormq.exceptions.ConnectionInternalError,
+        match="INTERNAL_ERROR - mock broker error ZeroDivisionError: simulated bug",
+    ):
+        await queue.purge()
+    reason = await closed_with(closing)
+
+    assert isinstance(reason, aiormq.exceptions.ConnectionInternalError)
+    assert "mock broker failed on a frame from" in caplog.text
+    assert not bystander.is_closed
+    await bystander.declare_queue(exclusive=True)
+
+
+@pytest.mark.asyncio
 async def test_exclusive_consumer_refuses_a_second_one(
     channel: AbstractChannel,
 ) -> None:
@@ -360,6 +473,82 @@ async def test_exclusive_consumer_refuses_a_second_one(
         match=f"ACCESS_REFUSED - queue '{queue.name}' in vhost '/' in exclusive use",
     ):
         await queue.consume(ignore)
+
+
+class RecordingTransport(asyncio.Transport):
+    """A transport that keeps what the broker writes, for feeding it by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def frames(self) -> list[Any]:
+        found, data = [], bytes(self.written)
+        while data:
+            size, _, method = frame.unmarshal(data)
+            found.append(method)
+            data = data[size:]
+        return found
+
+
+@pytest.mark.asyncio
+async def test_frames_split_at_every_byte_are_reassembled(broker: MockBroker) -> None:
+    stream = b"AMQP\x00\x00\x09\x01" + b"".join(
+        frame.marshal(method, number)
+        for number, method in [
+            (
+                0,
+                commands.Connection.StartOk(
+                    mechanism="PLAIN", response="\x00guest\x00guest"
+                ),
+            ),
+            (0, commands.Connection.TuneOk(2047, 131072, 0)),
+            (0, commands.Connection.Open("/")),
+            (1, commands.Channel.Open()),
+            (1, commands.Queue.Declare(queue="split", exclusive=True)),
+            (1, commands.Basic.Publish(routing_key="split")),
+        ]
+    )
+    body = b"reassembled"
+    header = frame.marshal(
+        header_frame.ContentHeader(0, len(body), commands.Basic.Properties()), 1
+    )
+    stream += header + frame.marshal(body_frame.ContentBody(body), 1)
+    stream += frame.marshal(commands.Basic.Get(queue="split", no_ack=True), 1)
+    transport = RecordingTransport()
+    protocol = broker._protocol()
+    protocol.connection_made(transport)
+
+    for index in range(len(stream)):
+        protocol.data_received(stream[index : index + 1])
+    protocol.connection_lost(None)
+    answers = transport.frames()
+
+    assert [type(a).__name__ for a in answers] == [
+        "Start",
+        "Tune",
+        "OpenOk",
+        "OpenOk",
+        "DeclareOk",
+        "GetOk",
+        "ContentHeader",
+        "ContentBody",
+    ]
+    assert answers[-1].value == body
+    assert broker.messages("split")[0].body == body
 
 
 # --- the hand-written codecs -----------------------------------------------------
@@ -497,10 +686,11 @@ async def test_wait_for_message(broker: MockBroker, channel: AbstractChannel) ->
     await channel.default_exchange.publish(
         aio_pika.Message(b"old"), "k.old", mandatory=False
     )
-    waiter = asyncio.create_task(
-        broker.wait_for_message(lambda m: m.routing_key.startswith("k."), past=False)
+    waiter = await waiting_task(
+        lambda: broker.wait_for_message(
+            lambda m: m.routing_key.startswith("k."), past=False
+        )
     )
-    await asyncio.sleep(0)
 
     await channel.default_exchange.publish(
         aio_pika.Message(b"new"), "k.new", mandatory=False
@@ -512,6 +702,40 @@ async def test_wait_for_message(broker: MockBroker, channel: AbstractChannel) ->
     assert (found.body, old.body) == (b"new", b"old")
     with pytest.raises(TimeoutError, match=r"no published message matched .* 2 "):
         await broker.wait_for_message(lambda m: False, timeout=0.01)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("wait", ["message", "reply"])
+async def test_a_predicate_that_raises_fails_only_its_waiter(
+    broker: MockBroker, connect: Connect, wait: str
+) -> None:
+    connection = await connect()
+    channel = await connection.channel()
+
+    def broken(item: Any) -> bool:
+        return bool(item.keywords["missing"] if wait == "reply" else item.headers["x"])
+
+    async def waiting() -> Any:
+        if wait == "reply":
+            return await broker.wait_for_reply(broken, past=False)
+        return await broker.wait_for_message(broken, past=False)
+
+    waiter = await waiting_task(waiting)
+    others = await waiting_task(lambda: broker.wait_for_message(past=False))
+    reply = aio_pika.Message(b"{}", headers={"sender": "a", "message_code": ":"})
+    confirmed = await channel.default_exchange.publish(
+        reply, "reply.broadcast", mandatory=False
+    )
+
+    with pytest.raises(KeyError, match="missing" if wait == "reply" else "'x'"):
+        async with asyncio.timeout(WAIT):
+            await waiter
+    async with asyncio.timeout(WAIT):
+        seen = await others
+    assert isinstance(confirmed, commands.Basic.Ack)
+    assert seen.routing_key == "reply.broadcast"
+    assert not connection.is_closed
+    await channel.declare_queue(exclusive=True)
 
 
 @pytest.mark.asyncio
@@ -548,23 +772,97 @@ async def test_clu_replies_are_decoded(broker: MockBroker) -> None:
 @pytest.mark.asyncio
 @pytest.mark.virtual_clock
 async def test_restart_robust_clients_reconnect(
-    broker: MockBroker, connect: Connect
+    virtual_clock: VirtualClock, broker: MockBroker, connect: Connect
 ) -> None:
     connection = await connect(robust=True)
     channel = await connection.channel()
     queue = await channel.declare_queue(unique("q"), auto_delete=True)
     reconnected = asyncio.Event()
-    connection.reconnect_callbacks.add(lambda *_: reconnected.set())  # type: ignore[attr-defined]
+    reconnected_at: list[float] = []
+
+    def on_reconnect(*_: Any) -> None:
+        reconnected_at.append(virtual_clock.time())
+        reconnected.set()
+
+    connection.reconnect_callbacks.add(on_reconnect)  # type: ignore[attr-defined]
     port = broker.port
 
+    restarted_at = virtual_clock.time()
     await broker.inject(RestartBroker(downtime=3.0))
+    back_at = virtual_clock.time()
     async with asyncio.timeout(WAIT * 10):
         await reconnected.wait()
     await channel.default_exchange.publish(aio_pika.Message(b"back"), queue.name)
 
+    assert back_at - restarted_at == pytest.approx(3.0, abs=1e-3)
+    assert reconnected_at[0] - restarted_at >= 3.0
     assert broker.port == port
     assert await drain(queue) == [b"back"]  # the topology was declared again
     assert len(broker.connections) == 1
+
+
+def signal_stops(
+    broker: MockBroker, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """Return events set when the broker begins and ends stopping itself."""
+    begun, ended = asyncio.Event(), asyncio.Event()
+    stop = broker._stop
+
+    async def stop_and_signal() -> None:
+        begun.set()
+        await stop()
+        ended.set()
+
+    monkeypatch.setattr(broker, "_stop", stop_and_signal)
+    return begun, ended
+
+
+@pytest.mark.asyncio
+@pytest.mark.virtual_clock
+@pytest.mark.parametrize("call", ["stop", "start"])
+async def test_stop_or_start_during_a_restart_cancels_it(
+    broker: MockBroker, call: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, stopped = signal_stops(broker, monkeypatch)
+    restarting = asyncio.create_task(broker.inject(RestartBroker(downtime=30.0)))
+    async with asyncio.timeout(WAIT):
+        await stopped.wait()
+    during = broker.leftovers()
+
+    await (broker.stop() if call == "stop" else broker.start())
+    right_after = broker.leftovers()
+    async with asyncio.timeout(WAIT * 10):
+        await restarting
+    await asyncio.sleep(60)  # virtual: past the downtime the restart asked for
+
+    if call == "stop":
+        assert not broker.is_running
+        assert right_after == []
+        assert broker.leftovers() == []
+    else:
+        assert broker.is_running
+        assert broker.leftovers() == [f"listening socket on 127.0.0.1:{broker.port}"]
+    assert any(item.startswith("timer") for item in during)
+
+
+@pytest.mark.asyncio
+@pytest.mark.virtual_clock
+async def test_stop_while_a_restart_is_stopping_cancels_it(
+    broker: MockBroker, connect: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await connect()  # so that stopping waits for a client to go
+    begun, _ = signal_stops(broker, monkeypatch)
+    restarting = asyncio.create_task(broker.inject(RestartBroker(downtime=30.0)))
+    async with asyncio.timeout(WAIT):
+        await begun.wait()
+
+    await broker.stop()
+    async with asyncio.timeout(WAIT * 10):
+        await restarting
+    await asyncio.sleep(60)  # virtual: past the downtime the restart asked for
+
+    assert not broker.is_running
+    assert broker.leftovers() == []
 
 
 @pytest.mark.asyncio
@@ -647,6 +945,62 @@ async def test_refuse_connections_for_a_while(
 
 
 @pytest.mark.asyncio
+@pytest.mark.virtual_clock
+@pytest.mark.parametrize(
+    ("first", "second", "refused_for"),
+    [(20.0, 50.0, 50.0), (50.0, 20.0, 50.0)],
+    ids=["extended", "kept"],
+)
+async def test_a_second_refusal_ends_at_the_later_deadline(
+    broker: MockBroker, first: float, second: float, refused_for: float
+) -> None:
+    loop = asyncio.get_running_loop()
+
+    start = loop.time()
+    await broker.inject(RefuseConnections(duration=first))
+    await broker.inject(RefuseConnections(duration=second))
+    timers = [item for item in broker.leftovers() if item.startswith("timer")]
+    await broker.wait_running(timeout=refused_for + 10)
+
+    assert loop.time() - start == pytest.approx(refused_for, abs=1e-3)
+    assert len(timers) == 1
+
+
+@pytest.mark.asyncio
+async def test_refusing_connections_needs_a_running_broker() -> None:
+    broker = MockBroker()
+    await broker.start()
+    await broker.stop()
+
+    with pytest.raises(
+        RuntimeError,
+        match="cannot refuse connections: the broker is stopped; inject "
+        "RefuseConnections while it is running",
+    ):
+        await broker.inject(RefuseConnections(duration=1.0))
+
+    assert broker.leftovers() == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.virtual_clock
+async def test_refusing_connections_during_a_restart_is_refused(
+    broker: MockBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, stopped = signal_stops(broker, monkeypatch)
+    restarting = asyncio.create_task(broker.inject(RestartBroker(downtime=30.0)))
+    async with asyncio.timeout(WAIT):
+        await stopped.wait()
+
+    with pytest.raises(RuntimeError, match="the broker is restarting; inject"):
+        await broker.inject(RefuseConnections(duration=1.0))
+    async with asyncio.timeout(WAIT * 10):
+        await restarting
+
+    assert broker.is_running
+
+
+@pytest.mark.asyncio
 async def test_close_channel_fault(broker: MockBroker, connect: Connect) -> None:
     connection = await connect()
     target = await connection.channel()
@@ -668,6 +1022,41 @@ async def test_close_channel_fault(broker: MockBroker, connect: Connect) -> None
     assert "NOT_FOUND - gone" in str(reason)
     assert not other.is_closed
     await other.declare_queue(exclusive=True)
+
+
+@pytest.mark.asyncio
+async def test_close_channel_fault_with_the_longest_text(
+    broker: MockBroker, connect: Connect
+) -> None:
+    channel = await (await connect()).channel()
+    closing = (await channel.get_underlay_channel()).closing
+    text = "PRECONDITION_FAILED - " + "é" * 116 + "x"  # 255 bytes
+
+    await broker.inject(CloseChannel(text=text))
+    reason = await closed_with(closing)
+
+    assert isinstance(reason, aiormq.exceptions.ChannelPreconditionFailed)
+    assert reason.args == (text,)
+
+
+@pytest.mark.asyncio
+async def test_a_close_that_cannot_be_encoded_leaves_the_channel_open(
+    broker: MockBroker, connect: Connect
+) -> None:
+    channel = await (await connect()).channel()
+    (connection,) = broker._connections
+    (number,) = connection.channels
+    err = AMQPError(406, "fits")
+    err.text = "x" * 256
+
+    with pytest.raises(TypeError, match="string exceeds maximum length of 255"):
+        connection.close_channel(number, err, None)
+    async with asyncio.timeout(WAIT):
+        queue = await channel.declare_queue(exclusive=True)
+
+    assert number in connection.channels
+    assert number not in connection.closing_channels
+    assert queue.name.startswith("amq.gen-")
 
 
 @pytest.mark.asyncio
@@ -792,6 +1181,46 @@ async def test_nack_confirms(
 
 
 @pytest.mark.asyncio
+@pytest.mark.virtual_clock
+async def test_one_rule_acts_and_counts_when_several_match(
+    broker: MockBroker, routed: tuple[Any, AbstractQueue]
+) -> None:
+    exchange, queue = routed
+    delay = await broker.inject(DelayMessages(delay=5.0, count=1))
+    nack = await broker.inject(NackConfirms(count=1))
+    assert delay is not None
+    assert nack is not None
+
+    with pytest.raises(aiormq.exceptions.DeliveryError):
+        await exchange.publish(aio_pika.Message(b"1"), "k")
+    counts_after_first = (nack.hits, nack.active, delay.hits, delay.active)
+    async with asyncio.timeout(WAIT * 10):
+        confirmed = await exchange.publish(aio_pika.Message(b"2"), "k")
+
+    assert counts_after_first == (1, False, 0, True)
+    assert (delay.hits, delay.active) == (1, False)
+    assert isinstance(confirmed, commands.Basic.Ack)
+    assert [m.fault for m in broker.messages()] == ["nack_confirms", "delay_messages"]
+    assert await drain(queue) == [b"2"]
+
+
+@pytest.mark.asyncio
+async def test_the_rule_added_first_wins_among_the_same_kind(
+    broker: MockBroker, routed: tuple[Any, AbstractQueue]
+) -> None:
+    exchange, queue = routed
+    once = await broker.inject(DuplicateMessages(copies=1))
+    thrice = await broker.inject(DuplicateMessages(copies=3))
+    assert once is not None
+    assert thrice is not None
+
+    await exchange.publish(aio_pika.Message(b"d"), "k")
+
+    assert await drain(queue) == [b"d", b"d"]
+    assert (once.hits, thrice.hits) == (1, 0)
+
+
+@pytest.mark.asyncio
 async def test_clear_faults(
     broker: MockBroker, routed: tuple[Any, AbstractQueue]
 ) -> None:
@@ -861,6 +1290,31 @@ def test_faults_round_trip_through_plain_data(fault: Any) -> None:
         (
             {"kind": "duplicate_messages", "copies": 0},
             "copies must be a positive integer, got 0",
+        ),
+        (
+            {"kind": "drop_messages", "count": True},
+            r"count must be a positive integer or None \(no limit\), got True",
+        ),
+        (
+            {"kind": "drop_connections", "count": False},
+            r"count must be a positive integer or None \(no limit\), got False",
+        ),
+        (
+            {"kind": "duplicate_messages", "copies": True},
+            "copies must be a positive integer, got True",
+        ),
+        (
+            {"kind": "close_channel", "text": None},
+            "text must be a string, got None",
+        ),
+        (
+            {"kind": "close_channel", "text": "x" * 256},
+            r"text must fit an AMQP reply text \(255 bytes in UTF-8\), got 256 "
+            r"bytes: 'xxxxxxxx",
+        ),
+        (
+            {"kind": "close_channel", "text": "é" * 128},
+            r"text must fit an AMQP reply text \(255 bytes in UTF-8\), got 256 ",
         ),
     ],
 )

@@ -449,6 +449,68 @@ async def test_unknown_exchange_type_closes_the_connection(connect: Connect) -> 
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "name", ["", "amq.mine", "plain"], ids=["default", "amq", "plain"]
+)
+async def test_exchange_type_is_checked_before_the_name(
+    connect: Connect, name: str
+) -> None:
+    connection = await connect()
+    channel = await (await connection.channel()).get_underlay_channel()
+
+    with pytest.raises(
+        aiormq.exceptions.ConnectionCommandInvalid,
+        match="COMMAND_INVALID - unknown exchange type 'bogus'",
+    ):
+        await channel.exchange_declare(name, exchange_type="bogus")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("", "operation not permitted on the default exchange"),
+        (
+            "amq.direct",
+            "deletion of system exchange 'amq.direct' in vhost '/' not allowed",
+        ),
+    ],
+    ids=["default", "amq.direct"],
+)
+async def test_system_exchanges_cannot_be_deleted(
+    channel: AbstractChannel, name: str, text: str
+) -> None:
+    underlay = await channel.get_underlay_channel()
+
+    with pytest.raises(
+        aiormq.exceptions.ChannelAccessRefused, match=f"ACCESS_REFUSED - {text}"
+    ):
+        await underlay.exchange_delete(name)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("method", ["bind", "unbind", "consume", "purge", "get"])
+async def test_empty_queue_name_needs_a_declared_queue(
+    connect: Connect, method: str
+) -> None:
+    connection = await connect()
+    channel = await (await connection.channel()).get_underlay_channel()
+    calls = {
+        "bind": lambda: channel.queue_bind("", "amq.topic", routing_key="k"),
+        "unbind": lambda: channel.queue_unbind("", "amq.topic", routing_key="k"),
+        "consume": lambda: channel.basic_consume("", lambda message: None),
+        "purge": lambda: channel.queue_purge(""),
+        "get": lambda: channel.basic_get(""),
+    }
+
+    with pytest.raises(
+        aiormq.exceptions.ChannelNotFoundEntity,
+        match="NOT_FOUND - no previously declared queue",
+    ):
+        await calls[method]()
+
+
+@pytest.mark.asyncio
 async def test_auto_delete_exchange_goes_with_its_last_binding(
     connect: Connect,
 ) -> None:
@@ -483,6 +545,29 @@ async def test_unbind_stops_routing(channel: AbstractChannel) -> None:
     await exchange.publish(aio_pika.Message(b"3"), "b.x")
 
     assert await drain(queue) == [b"1", b"3"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("missing", ["queue", "exchange", "binding"])
+async def test_unbind_of_what_does_not_exist_succeeds(
+    channel: AbstractChannel, missing: str
+) -> None:
+    exchange = await channel.declare_exchange(unique("x"), auto_delete=True)
+    queue = await channel.declare_queue(unique("q"), exclusive=True)
+    await queue.bind(exchange, "kept")
+    names = {
+        "queue": (unique("gone"), exchange.name),
+        "exchange": (queue.name, unique("gone")),
+        "binding": (queue.name, exchange.name),
+    }
+    queue_name, exchange_name = names[missing]
+    underlay = await channel.get_underlay_channel()
+
+    unbound = await underlay.queue_unbind(queue_name, exchange_name, "never-bound")
+    await exchange.publish(aio_pika.Message(b"still"), "kept")
+
+    assert isinstance(unbound, commands.Queue.UnbindOk)
+    assert await drain(queue) == [b"still"]
 
 
 # --- queues ----------------------------------------------------------------------
@@ -523,8 +608,30 @@ async def test_exclusive_queue_is_locked_to_its_connection(connect: Connect) -> 
 
 
 @pytest.mark.asyncio
-async def test_second_copy_of_an_actor_is_refused(broker_url: str) -> None:
-    name = unique("actor")
+@pytest.mark.parametrize("exclusive", [True, False], ids=["exclusive", "shared"])
+async def test_exclusive_flag_cannot_change_on_redeclare(
+    connect: Connect, exclusive: bool
+) -> None:
+    connection = await connect()
+    name = unique("q")
+    first = await (await connection.channel()).declare_queue(name, exclusive=exclusive)
+
+    with pytest.raises(
+        aiormq.exceptions.ChannelLockedResource,
+        match=f"RESOURCE_LOCKED - cannot obtain exclusive access to locked queue "
+        f"'{name}' in vhost '/'",
+    ):
+        await (await connection.channel()).declare_queue(name, exclusive=not exclusive)
+
+    if not exclusive:
+        await (await connection.channel()).queue_delete(first.name)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("length", [16, 60], ids=["short-name", "long-name"])
+async def test_second_copy_of_an_actor_is_refused(broker_url: str, length: int) -> None:
+    # From 40 characters on, the RESOURCE_LOCKED text passes 255 bytes.
+    name = unique("actor").ljust(length, "x")
     first = AMQPClient(name=name, url=broker_url)
     second = AMQPClient(name=name, url=broker_url)
     await first.start()
@@ -534,6 +641,32 @@ async def test_second_copy_of_an_actor_is_refused(broker_url: str) -> None:
     finally:
         await second.stop()
         await first.stop()
+
+
+@pytest.mark.asyncio
+async def test_long_reply_text_is_cut_to_255_bytes(connect: Connect) -> None:
+    owner = await connect()
+    other = await connect()
+    name = unique("q").ljust(120, "x")
+    await (await owner.channel()).declare_queue(name, exclusive=True)
+    channel = await other.channel()
+    closing = (await channel.get_underlay_channel()).closing
+
+    with pytest.raises(
+        aiormq.exceptions.ChannelLockedResource, match="RESOURCE_LOCKED"
+    ):
+        await channel.declare_queue(name, exclusive=True)
+    reason = await closed_with(closing)
+    (text,) = reason.args
+
+    full = (
+        f"RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{name}' "
+        "in vhost '/'. It could be originally declared on another connection or "
+        "the exclusive property value does not match that of the original "
+        "declaration."
+    )
+    assert text == full[:252] + "..."
+    assert not other.is_closed
 
 
 @pytest.mark.asyncio
@@ -583,6 +716,94 @@ async def test_queue_redeclared_differently_fails(connect: Connect) -> None:
 
     deleted = await (await connection.channel()).declare_queue(name, passive=True)
     await deleted.delete()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("first", "second", "arg", "received", "current"),
+    [
+        (
+            {"x-queue-mode": "lazy"},
+            {"x-queue-mode": "default"},
+            "x-queue-mode",
+            "'default'",
+            "'lazy'",
+        ),
+        (
+            {"x-queue-mode": "lazy"},
+            {},
+            "x-queue-mode",
+            "none",
+            "the value 'lazy' of type 'longstr'",
+        ),
+        (
+            {},
+            {"x-queue-version": 2},
+            "x-queue-version",
+            "the value '2' of type 'byte'",
+            "none",
+        ),
+    ],
+    ids=["changed", "dropped", "added"],
+)
+async def test_queue_redeclared_with_other_arguments_fails(
+    connect: Connect,
+    first: dict[str, Any],
+    second: dict[str, Any],
+    arg: str,
+    received: str,
+    current: str,
+) -> None:
+    connection = await connect()
+    name = unique("q")
+    await (await connection.channel()).declare_queue(
+        name, exclusive=True, arguments=first
+    )
+
+    with pytest.raises(
+        aiormq.exceptions.ChannelPreconditionFailed,
+        match=f"PRECONDITION_FAILED - inequivalent arg '{arg}' for queue '{name}' "
+        f"in vhost '/': received {received} but current is {current}$",
+    ):
+        await (await connection.channel()).declare_queue(
+            name, exclusive=True, arguments=second
+        )
+
+
+@pytest.mark.asyncio
+async def test_queue_arguments_that_change_nothing_are_accepted(
+    connect: Connect,
+) -> None:
+    connection = await connect()
+    name = unique("q")
+    channel = await connection.channel()
+    first = {"x-queue-type": "classic", "x-queue-mode": "lazy", "custom": 1}
+
+    await channel.declare_queue(name, exclusive=True, arguments=first)
+    again = await channel.declare_queue(
+        name, exclusive=True, arguments={"x-queue-mode": "lazy", "custom": 2}
+    )
+
+    assert again.name == name
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("arg", ["x-queue-type", "x-queue-mode"])
+async def test_unknown_queue_type_or_mode_is_refused(
+    connect: Connect, arg: str
+) -> None:
+    connection = await connect()
+    name = unique("q")
+    what = arg.removeprefix("x-queue-")
+
+    with pytest.raises(
+        aiormq.exceptions.ChannelPreconditionFailed,
+        match=f"PRECONDITION_FAILED - invalid arg '{arg}' for queue '{name}' in "
+        f"vhost '/': \"unsupported queue {what} 'bogus'\"",
+    ):
+        await (await connection.channel()).declare_queue(
+            name, exclusive=True, arguments={arg: "bogus"}
+        )
 
 
 @pytest.mark.asyncio
@@ -675,6 +896,30 @@ async def test_prefetch_limits_unacknowledged_deliveries(
     assert [m.body for m in first] == [b"0", b"1"]
     assert ready.message_count == 3
     assert third.body == b"2"
+
+
+@pytest.mark.asyncio
+async def test_raising_the_channel_prefetch_releases_waiting_messages(
+    channel: AbstractChannel,
+) -> None:
+    await channel.set_qos(prefetch_count=1, global_=True)
+    queue = await channel.declare_queue(unique("q"), exclusive=True)
+    for number in range(3):
+        await channel.default_exchange.publish(
+            aio_pika.Message(str(number).encode()), queue.name
+        )
+    delivered: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+    await queue.consume(delivered.put)
+
+    async with asyncio.timeout(WAIT):
+        first = await delivered.get()
+    ready = (await channel.declare_queue(queue.name, passive=True)).declaration_result
+    await channel.set_qos(prefetch_count=3, global_=True)
+    async with asyncio.timeout(WAIT):
+        rest = [await delivered.get(), await delivered.get()]
+
+    assert ready.message_count == 2
+    assert [m.body for m in [first, *rest]] == [b"0", b"1", b"2"]
 
 
 @pytest.mark.asyncio
@@ -854,6 +1099,48 @@ async def test_bad_protocol_header_is_answered_with_ours(
     client.writer.write(b"GET / HTTP/1.1\r\n\r\n")
 
     assert await client.read_to_end() == b"AMQP\x00\x00\x09\x01"
+
+
+def pipelined_opening(queue: str) -> bytes:
+    """The client's side of a handshake, channel.open and queue.declare, in bytes."""
+    methods = [
+        (
+            0,
+            commands.Connection.StartOk(
+                client_properties={},
+                mechanism="PLAIN",
+                response="\x00guest\x00guest",
+                locale="en_US",
+            ),
+        ),
+        (0, commands.Connection.TuneOk(2047, 131072, 0)),
+        (0, commands.Connection.Open("/")),
+        (1, commands.Channel.Open()),
+        (1, commands.Queue.Declare(queue=queue, exclusive=True)),
+    ]
+    return b"AMQP\x00\x00\x09\x01" + b"".join(
+        frame.marshal(method, number) for number, method in methods
+    )
+
+
+@pytest.mark.asyncio
+async def test_pipelined_frames_in_one_write_are_all_answered(
+    raw_client: Callable[..., Any],
+) -> None:
+    client = await raw_client(handshake=False)
+    name = unique("q")
+
+    client.writer.write(pipelined_opening(name))
+    answers = [await client.read_frame() for _ in range(5)]
+
+    assert [type(a) for a in answers] == [
+        commands.Connection.Start,
+        commands.Connection.Tune,
+        commands.Connection.OpenOk,
+        commands.Channel.OpenOk,
+        commands.Queue.DeclareOk,
+    ]
+    assert answers[-1].queue == name
 
 
 FRAME_END = b"\xce"

@@ -168,7 +168,13 @@ class Channel:
             self.send(method)
 
     def _queue(self, name: str) -> Queue:
-        return self.state.queue(name or self.last_queue, self.connection)
+        return self.state.queue(self._queue_name(name), self.connection)
+
+    def _queue_name(self, name: str) -> str:
+        # An empty name means the queue this channel declared last.
+        if name == "" and self.last_queue == "":
+            raise AMQPError(404, "no previously declared queue")
+        return name or self.last_queue
 
     # --- exchanges and queues ---
 
@@ -195,6 +201,7 @@ class Channel:
             durable=method.durable,
             exclusive=method.exclusive,
             auto_delete=method.auto_delete,
+            arguments=method.arguments,
         )
         self.last_queue = queue.name
         ok = commands.Queue.DeclareOk(
@@ -210,10 +217,14 @@ class Channel:
         self._reply(commands.Queue.BindOk(), method.nowait)
 
     def _queue_unbind(self, method: commands.Queue.Unbind) -> None:
-        queue = self._queue(method.queue)
         if method.exchange == "":
             raise AMQPError(403, "operation not permitted on the default exchange")
-        self.state.unbind(queue, method.exchange, method.routing_key)
+        name = self._queue_name(method.queue)
+        # RabbitMQ 3.x answers unbind-ok when the queue, the exchange or the
+        # binding does not exist.
+        if name in self.state.queues and method.exchange in self.state.exchanges:
+            queue = self._queue(name)
+            self.state.unbind(queue, method.exchange, method.routing_key)
         self.send(commands.Queue.UnbindOk())
 
     def _queue_purge(self, method: commands.Queue.Purge) -> None:
@@ -223,7 +234,7 @@ class Channel:
         self._reply(commands.Queue.PurgeOk(count), method.nowait)
 
     def _queue_delete(self, method: commands.Queue.Delete) -> None:
-        name = method.queue or self.last_queue
+        name = self._queue_name(method.queue)
         if name not in self.state.queues:
             # Deleting a missing queue succeeds in RabbitMQ 3.x.
             self._reply(commands.Queue.DeleteOk(0), method.nowait)
@@ -247,8 +258,14 @@ class Channel:
         if method.global_:
             self.global_prefetch = method.prefetch_count
         else:
+            # As in RabbitMQ, only consumers started after this use the limit.
             self.prefetch = method.prefetch_count
         self.send(commands.Basic.QosOk())
+
+        # A higher channel-wide limit makes room for messages already waiting.
+        for queue in dict.fromkeys(c.queue for c in self.consumers.values()):
+            if not queue.deleted:
+                queue.dispatch()
 
     def _consume(self, method: commands.Basic.Consume) -> None:
         queue = self._queue(method.queue)

@@ -12,7 +12,9 @@ and keeps the connection; a connection error sends ``connection.close`` and
 waits for ``close-ok``; a stream that can no longer be parsed (garbage bytes,
 a bad frame end, an oversized frame) gets ``connection.close`` 501
 FRAME_ERROR and the socket is closed at once. A bad protocol header is
-answered with the AMQP 0-9-1 header and the socket is closed.
+answered with the AMQP 0-9-1 header and the socket is closed. An unexpected
+exception inside the broker is logged and answered with ``connection.close``
+541 INTERNAL_ERROR naming it, never with a silently dropped socket.
 
 What it does not simulate: SASL mechanisms other than PLAIN, the
 ``connection.secure`` challenge, ``connection.blocked``, TLS, and closing a
@@ -94,6 +96,11 @@ class BrokerConnection(asyncio.Protocol):
             self._parse()
         except AMQPError as err:
             self.fail(err)
+        except Exception as err:
+            # A bug in the broker must not kill the socket silently: the
+            # client gets connection.close 541, as from a RabbitMQ crash.
+            log.exception("mock broker failed on a frame from %s", self.peer)
+            self.fail(AMQPError(541, f"mock broker error {type(err).__name__}: {err}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Release channels, exclusive queues and timers."""
@@ -167,14 +174,17 @@ class BrokerConnection(asyncio.Protocol):
 
     def close_channel(self, number: int, err: AMQPError, method: Any) -> None:
         """Close one channel with an error and wait for its ``close-ok``."""
+        # Encode first: a text that does not fit must leave the channel as it was.
+        class_id, method_id = _ids(method)
+        close = commands.Channel.Close(err.code, err.text, class_id, method_id)
+        encoded = frame.marshal(close, number)
+
         channel = self.channels.pop(number, None)
         if channel is not None:
             channel.shut()
         self.closing_channels.add(number)
-        class_id, method_id = _ids(method)
-        self.send_method(
-            number, commands.Channel.Close(err.code, err.text, class_id, method_id)
-        )
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(encoded)
 
     def reset(self) -> None:
         """Abort the socket so that the client sees a connection reset."""

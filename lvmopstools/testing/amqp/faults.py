@@ -17,6 +17,12 @@ Two families:
 
 Message rules match a message by its routing key with a topic pattern
 (``*`` one word, ``#`` any number of words) and, optionally, by exchange.
+At most one rule acts on a message; when several match, the winner is the
+first in this order: :class:`NackConfirms`, :class:`DropMessages`,
+:class:`DelayMessages`, :class:`WithholdConfirms`, :class:`DuplicateMessages`,
+and among rules of the same kind the one added first. Only the winner counts
+the message against its ``count`` and is named in the message's record; the
+others keep their counts for the next message.
 
 What they do not simulate: network partitions that leave both ends believing
 the connection is up (the broker's sockets are closed or reset, never frozen),
@@ -30,6 +36,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .errors import MAX_REPLY_TEXT
 from .model import topic_matches
 
 __all__ = [
@@ -51,7 +58,9 @@ __all__ = [
 
 
 def _check_count(count: int | None) -> None:
-    if count is not None and (not isinstance(count, int) or count < 1):
+    if count is not None and (
+        not isinstance(count, int) or isinstance(count, bool) or count < 1
+    ):
         msg = f"count must be a positive integer or None (no limit), got {count!r}"
         raise ValueError(msg)
 
@@ -152,7 +161,8 @@ class CloseChannel(Fault):
     code
         The reply code sent in ``channel.close`` (for example 406 or 404).
     text
-        The reply text.
+        The reply text: a string of at most 255 bytes in UTF-8, the limit of
+        an AMQP short string.
     queue
         Close only the channels consuming from this queue; None closes every
         open channel.
@@ -166,6 +176,16 @@ class CloseChannel(Fault):
     def __post_init__(self) -> None:
         if not isinstance(self.code, int) or not 200 <= self.code <= 599:
             msg = f"code must be an AMQP reply code (200-599), got {self.code!r}"
+            raise ValueError(msg)
+        if not isinstance(self.text, str):
+            msg = f"text must be a string, got {self.text!r}"
+            raise ValueError(msg)
+        size = len(self.text.encode())
+        if size > MAX_REPLY_TEXT:
+            msg = (
+                f"text must fit an AMQP reply text ({MAX_REPLY_TEXT} bytes in "
+                f"UTF-8), got {size} bytes: {self.text[:40]!r}...; shorten it"
+            )
             raise ValueError(msg)
 
 
@@ -225,7 +245,11 @@ class DuplicateMessages(MessageRule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.copies, int) or self.copies < 1:
+        if (
+            not isinstance(self.copies, int)
+            or isinstance(self.copies, bool)
+            or self.copies < 1
+        ):
             msg = f"copies must be a positive integer, got {self.copies!r}"
             raise ValueError(msg)
 
@@ -272,7 +296,11 @@ class FaultHandle:
 
 
 class MessageRules:
-    """The message rules in force on a broker, in the order they were added."""
+    """The message rules in force on a broker, in the order they were added.
+
+    One rule acts on each message; :meth:`winner` picks it (see
+    :data:`PRECEDENCE`).
+    """
 
     def __init__(self) -> None:
         self._handles: list[FaultHandle] = []
@@ -291,23 +319,48 @@ class MessageRules:
         for handle in list(self._handles):
             handle.remove()
 
-    def matching(self, exchange: str, routing_key: str) -> list[FaultHandle]:
-        """Return the rules that act on a message, counting the hit on each.
+    def winner(self, exchange: str, routing_key: str) -> MessageRule | None:
+        """Return the rule that acts on a message, counting the hit on it alone.
 
-        A rule whose ``count`` is used up by this hit is removed.
+        When several rules match, the winner is the first by kind (see
+        :data:`PRECEDENCE`), then the one added first. A rule whose ``count``
+        is used up by this hit is removed.
         """
-        hits = []
-        for handle in list(self._handles):
+        best: FaultHandle | None = None
+        for handle in self._handles:
             rule = handle.fault
             if rule.exchange is not None and rule.exchange != exchange:
                 continue
             if not topic_matches(rule.pattern, routing_key):
                 continue
-            handle.hits += 1
-            if rule.count is not None and handle.hits >= rule.count:
-                handle.remove()
-            hits.append(handle)
-        return hits
+            if best is None or _rank(rule) < _rank(best.fault):
+                best = handle
+
+        if best is None:
+            return None
+        best.hits += 1
+        if best.fault.count is not None and best.hits >= best.fault.count:
+            best.remove()
+        return best.fault
+
+
+#: The order in which message rules win when several match one message: the
+#: ones that keep a message from its queues first.
+PRECEDENCE: tuple[type[MessageRule], ...] = (
+    NackConfirms,
+    DropMessages,
+    DelayMessages,
+    WithholdConfirms,
+    DuplicateMessages,
+)
+
+
+def _rank(rule: MessageRule) -> int:
+    kind = type(rule)
+    for index, cls in enumerate(PRECEDENCE):
+        if issubclass(kind, cls):
+            return index
+    return len(PRECEDENCE)
 
 
 _KINDS: dict[str, type[Fault]] = {

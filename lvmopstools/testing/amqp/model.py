@@ -6,9 +6,11 @@ the queues and the bindings between them, and the routing rules of the
 sockets or frames; :mod:`lvmopstools.testing.amqp.channel` drives it.
 
 What it does not simulate: the ``headers`` exchange type, exchange-to-exchange
-bindings, queue arguments (TTL, length limits, dead-lettering, priorities),
-persistence (``durable`` is recorded and checked on redeclare, but everything
-lives in memory and goes away with the broker process).
+bindings, the queue arguments that change behaviour (TTL, length limits,
+dead-lettering, priorities: refused with 540, see
+:mod:`lvmopstools.testing.amqp.arguments`), persistence (``durable`` is
+recorded and checked on redeclare, but everything lives in memory and goes
+away with the broker process).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import os
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from .arguments import check_arguments, check_equivalent_arguments
+from .errors import AMQPError
 
 if TYPE_CHECKING:
     from .channel import Consumer
@@ -42,57 +47,6 @@ PREDECLARED = {
 }
 
 EXCHANGE_TYPES = ("direct", "fanout", "topic")
-
-REPLY_NAMES = {
-    200: "OK",
-    312: "NO_ROUTE",
-    320: "CONNECTION_FORCED",
-    402: "INVALID_PATH",
-    403: "ACCESS_REFUSED",
-    404: "NOT_FOUND",
-    405: "RESOURCE_LOCKED",
-    406: "PRECONDITION_FAILED",
-    501: "FRAME_ERROR",
-    502: "SYNTAX_ERROR",
-    503: "COMMAND_INVALID",
-    504: "CHANNEL_ERROR",
-    505: "UNEXPECTED_FRAME",
-    506: "RESOURCE_ERROR",
-    530: "NOT_ALLOWED",
-    540: "NOT_IMPLEMENTED",
-    541: "INTERNAL_ERROR",
-}
-
-#: Reply codes that close the whole connection rather than one channel.
-CONNECTION_CODES = frozenset({320, 402, 501, 502, 503, 504, 505, 506, 530, 540, 541})
-
-
-class AMQPError(Exception):
-    """A protocol error that closes a channel or the connection.
-
-    Parameters
-    ----------
-    code
-        The AMQP reply code (404, 406, 540...).
-    detail
-        What went wrong; the reply text is ``"<NAME> - <detail>"`` as RabbitMQ
-        writes it.
-    connection
-        Whether the error closes the connection; by default, decided by the
-        code as the AMQP specification classifies it.
-    """
-
-    def __init__(
-        self,
-        code: int,
-        detail: str,
-        *,
-        connection: bool | None = None,
-    ) -> None:
-        self.code = code
-        self.text = f"{REPLY_NAMES.get(code, 'ERROR')} - {detail}"
-        self.connection = code in CONNECTION_CODES if connection is None else connection
-        super().__init__(self.text)
 
 
 @dataclass(eq=False)
@@ -164,6 +118,8 @@ class Queue:
     auto_delete: bool = False
     #: The connection that owns an exclusive queue (None for shared queues).
     owner: object | None = None
+    #: The ``arguments`` table it was declared with.
+    arguments: dict[str, Any] = field(default_factory=dict)
     messages: deque[Envelope] = field(default_factory=deque)
     consumers: list[Consumer] = field(default_factory=list)
     had_consumer: bool = False
@@ -268,6 +224,15 @@ class BrokerState:
                 raise AMQPError(404, f"no exchange {name!r} in vhost {self.vhost!r}")
             return existing
 
+        # RabbitMQ checks the type before the name.
+        if kind not in EXCHANGE_TYPES:
+            if kind == "headers":
+                raise AMQPError(
+                    540,
+                    "exchange type 'headers' is not implemented by the mock broker",
+                )
+            raise AMQPError(503, f"unknown exchange type {kind!r}")
+
         if name == "" or name.startswith("amq."):
             if existing is not None and name == "":
                 raise AMQPError(403, "operation not permitted on the default exchange")
@@ -276,14 +241,6 @@ class BrokerState:
                     403,
                     f"exchange name {name!r} contains reserved prefix 'amq.*'",
                 )
-
-        if kind not in EXCHANGE_TYPES:
-            if kind == "headers":
-                raise AMQPError(
-                    540,
-                    "exchange type 'headers' is not implemented by the mock broker",
-                )
-            raise AMQPError(503, f"unknown exchange type {kind!r}")
 
         if existing is None:
             exchange = Exchange(name, kind, durable, auto_delete, internal)
@@ -315,8 +272,14 @@ class BrokerState:
 
     def delete_exchange(self, name: str, *, if_unused: bool) -> None:
         """Delete an exchange and its bindings."""
-        if name == "" or name.startswith("amq."):
-            raise AMQPError(403, f"operation not permitted on exchange {name!r}")
+        if name == "":
+            raise AMQPError(403, "operation not permitted on the default exchange")
+        if name in PREDECLARED:
+            raise AMQPError(
+                403,
+                f"deletion of system exchange {name!r} in vhost {self.vhost!r} "
+                "not allowed",
+            )
 
         exchange = self.exchanges.get(name)
         if exchange is None:
@@ -338,10 +301,13 @@ class BrokerState:
         durable: bool,
         exclusive: bool,
         auto_delete: bool,
+        arguments: dict[str, Any] | None = None,
     ) -> Queue:
         """Declare a queue, or check an existing one, as RabbitMQ does."""
         if passive:
             return self.queue(name, owner)
+        arguments = dict(arguments or {})
+        check_arguments(name, self.vhost, arguments)
 
         if name.startswith("amq."):
             raise AMQPError(
@@ -357,12 +323,14 @@ class BrokerState:
                 durable=durable,
                 auto_delete=auto_delete,
                 owner=owner if exclusive else None,
+                arguments=arguments,
             )
             self.queues[name] = queue
             return queue
 
         self._check_access(existing, owner)
-        if exclusive and existing.owner is None:
+        if exclusive != (existing.owner is not None):
+            # Even the owner cannot change the exclusive flag of its queue.
             raise self._locked(name)
         for arg, received, current in (
             ("durable", durable, existing.durable),
@@ -375,6 +343,7 @@ class BrokerState:
                     f"{self.vhost!r}: received {_show(received)} but current is "
                     f"{_show(current)}",
                 )
+        check_equivalent_arguments(name, self.vhost, arguments, existing.arguments)
         return existing
 
     def queue(self, name: str, owner: object) -> Queue:

@@ -267,6 +267,8 @@ class MessageLog:
         ------
         TimeoutError
             If no such message arrives within ``timeout``.
+        Exception
+            Whatever ``predicate`` raises, unchanged.
         """
         test = predicate or (lambda _: True)
         if past:
@@ -316,10 +318,21 @@ class MessageLog:
         return reply
 
     def add(self, record: PublishedMessage) -> None:
-        """Record a message and wake the waiters it satisfies."""
+        """Record a message and wake the waiters it satisfies.
+
+        A waiter whose predicate raises gets that exception (the waiting test
+        sees it); the publisher and the other waiters are not affected.
+        """
         self._records.append(record)
         for test, future in list(self._waiters):
-            if not future.done() and test(record):
+            if future.done():
+                continue
+            try:
+                matched = test(record)
+            except Exception as err:
+                future.set_exception(err)
+                continue
+            if matched:
                 future.set_result(record)
 
 

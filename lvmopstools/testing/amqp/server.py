@@ -24,6 +24,7 @@ import logging
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from pamqp import commands
 
@@ -141,6 +142,12 @@ class MockBroker:
         self._unregister: Callable[[], None] | None = None
         self._lost: asyncio.Event | None = None
         self._started = False
+        #: Resolved when a restart's downtime ends: True to start again, False
+        #: when stop() or start() was called meanwhile.
+        self._downtime: asyncio.Future[bool] | None = None
+        self._downtime_timer: asyncio.TimerHandle | None = None
+        #: The timer that ends a RefuseConnections refusal.
+        self._refusal: asyncio.TimerHandle | None = None
 
     # --- life cycle ---
 
@@ -167,8 +174,9 @@ class MockBroker:
         if not self._port:
             msg = "the broker has no port yet; start it first (async with MockBroker())"
             raise RuntimeError(msg)
-        vhost = "" if self.vhost == "/" else self.vhost.replace("/", "%2F")
-        return f"amqp://{self.user}:{self.password}@{self.host}:{self._port}/{vhost}"
+        user, password = quote(self.user, safe=""), quote(self.password, safe="")
+        vhost = "" if self.vhost == "/" else quote(self.vhost, safe="")
+        return f"amqp://{user}:{password}@{self.host}:{self._port}/{vhost}"
 
     @property
     def is_running(self) -> bool:
@@ -180,6 +188,7 @@ class MockBroker:
         if self._started:
             msg = "the broker is already started; stop it before starting it again"
             raise RuntimeError(msg)
+        self._end_downtime(resume=False)
         self._started = True
         await self._listen()
         log.info("mock broker listening on %s:%d", self.host, self._port)
@@ -189,7 +198,12 @@ class MockBroker:
 
         Open connections get ``connection.close`` 320 CONNECTION_FORCED, as
         from a RabbitMQ node shutting down. Queues and exchanges are lost.
+        During a restart, it cancels the restart: the broker stays stopped.
         """
+        self._end_downtime(resume=False)
+        await self._stop()
+
+    async def _stop(self) -> None:
         if not self._started:
             return
         self._started = False
@@ -197,6 +211,7 @@ class MockBroker:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
+        self._refusal = None
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -214,11 +229,40 @@ class MockBroker:
         log.info("mock broker on port %d stopped", self._port)
 
     async def restart(self, downtime: float = 0.0) -> None:
-        """Stop, wait ``downtime`` seconds (loop time), and start on the same port."""
-        await self.stop()
-        if downtime:
-            await asyncio.sleep(downtime)
-        await self.start()
+        """Stop, wait ``downtime`` seconds (loop time), and start on the same port.
+
+        A :meth:`stop` while the restart stops the broker or waits, or a
+        :meth:`start` during the downtime, cancels the restart: this returns
+        without starting the broker.
+        """
+        self._end_downtime(resume=False)
+        loop = asyncio.get_running_loop()
+        self._downtime = ending = loop.create_future()
+        try:
+            await self._stop()
+            if not ending.done():
+                self._downtime_timer = loop.call_later(
+                    downtime, self._end_downtime, True
+                )
+                self._timers.add(self._downtime_timer)
+            resume = await ending
+        finally:
+            if self._downtime is ending:
+                self._end_downtime(resume=False)
+
+        if resume:
+            await self.start()
+        else:
+            log.info("mock broker restart on port %d cancelled", self._port)
+
+    def _end_downtime(self, resume: bool) -> None:
+        if self._downtime_timer is not None:
+            self._downtime_timer.cancel()
+            self._timers.discard(self._downtime_timer)
+            self._downtime_timer = None
+        if self._downtime is not None and not self._downtime.done():
+            self._downtime.set_result(resume)
+        self._downtime = None
 
     async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
@@ -428,13 +472,20 @@ class MockBroker:
 
         Actions (:class:`RestartBroker`, :class:`DropConnections`,
         :class:`RefuseConnections`, :class:`CloseChannel`) act at once;
-        ``RestartBroker`` returns when the broker is back. Message rules stay
+        ``RestartBroker`` returns when the broker is back (or when a
+        :meth:`stop` during the downtime cancelled the restart). Message rules stay
         in force until their ``count`` is used up or the handle is removed.
+
+        A ``RefuseConnections`` during a refusal extends it to the later of
+        the two ends.
 
         Raises
         ------
         TypeError
             If ``fault`` is not one of the broker faults.
+        RuntimeError
+            For ``RefuseConnections`` while the broker is stopped or
+            restarting.
         """
         if isinstance(fault, MessageRule):
             return self.rules.add(fault)
@@ -444,7 +495,7 @@ class MockBroker:
         elif isinstance(fault, DropConnections):
             self._drop(fault.count, fault.mode, "closed by a DropConnections fault")
         elif isinstance(fault, RefuseConnections):
-            self._refuse(fault.duration)
+            await self._refuse(fault.duration)
         elif isinstance(fault, CloseChannel):
             self._close_channels(fault)
         else:
@@ -468,19 +519,37 @@ class MockBroker:
                 connection.fail(AMQPError(320, reason))
                 connection.close_transport()
 
-    def _refuse(self, duration: float) -> None:
-        if self._server is None:
-            return
-        self._close_listener()
+    async def _refuse(self, duration: float) -> None:
+        if not self._started:
+            state = "restarting" if self._downtime is not None else "stopped"
+            msg = (
+                f"cannot refuse connections: the broker is {state}; inject "
+                "RefuseConnections while it is running"
+            )
+            raise RuntimeError(msg)
+        for task in list(self._tasks):
+            # A refusal that is ending: let it listen again, then refuse anew.
+            await asyncio.gather(task, return_exceptions=True)
+
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + duration
+        if self._refusal is not None:
+            if self._refusal.when() >= deadline:
+                return
+            # A second refusal while refusing: the later deadline wins.
+            self._refusal.cancel()
+            self._timers.discard(self._refusal)
+        self._close_listener()
 
         def reopen() -> None:
             self._timers.discard(timer)
+            self._refusal = None
             task = loop.create_task(self._listen())
             self._tasks.add(task)
             task.add_done_callback(self._reopened)
 
-        timer = loop.call_later(duration, reopen)
+        timer = loop.call_at(deadline, reopen)
+        self._refusal = timer
         self._timers.add(timer)
 
     def _reopened(self, task: asyncio.Task[None]) -> None:
@@ -508,18 +577,16 @@ class MockBroker:
 
     def _published(self, channel: Channel, method: Any, message: Message) -> None:
         seq = channel.next_confirm()
-        rules = (
-            {
-                type(h.fault): h.fault
-                for h in self.rules.matching(message.exchange, message.routing_key)
-            }
+        rule = (
+            self.rules.winner(message.exchange, message.routing_key)
             if self.rules
-            else {}
+            else None
         )
-        fault = next(iter(rules.values())).kind if rules else None
 
         def confirm(ok: bool) -> None:
-            if seq is None or WithholdConfirms in rules or not channel.is_open:
+            if seq is None or isinstance(rule, WithholdConfirms):
+                return
+            if not channel.is_open:
                 return
             frame = (
                 commands.Basic.Ack(seq)
@@ -542,13 +609,11 @@ class MockBroker:
             return tuple(q.name for q in queues)
 
         routed: tuple[str, ...] = ()
-        if NackConfirms in rules:
+        if isinstance(rule, NackConfirms):
             confirm(False)
-        elif DropMessages in rules:
+        elif isinstance(rule, DropMessages):
             confirm(True)
-        elif DelayMessages in rules:
-            rule = rules[DelayMessages]
-            assert isinstance(rule, DelayMessages)
+        elif isinstance(rule, DelayMessages):
 
             def _route_then_confirm() -> None:
                 route(1)
@@ -556,10 +621,7 @@ class MockBroker:
 
             self._later(rule.delay, _route_then_confirm)
         else:
-            duplicate = rules.get(DuplicateMessages)
-            copies = (
-                1 + duplicate.copies if isinstance(duplicate, DuplicateMessages) else 1
-            )
+            copies = 1 + rule.copies if isinstance(rule, DuplicateMessages) else 1
             routed = route(copies)
             confirm(True)
 
@@ -569,7 +631,7 @@ class MockBroker:
                 connection=channel.connection.peer,
                 channel=channel.number,
                 routed=routed,
-                fault=fault,
+                fault=rule.kind if rule is not None else None,
             )
         )
 
