@@ -22,6 +22,7 @@ import aio_pika
 import aiormq
 import pytest
 import pytest_asyncio
+from _amqp_support import WAIT, closed_with, drain
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 from clu import AMQPClient
 from pamqp import body as body_frame
@@ -48,8 +49,6 @@ from lvmopstools.testing.amqp.external import ExternalBroker
 from lvmopstools.testing.amqp.model import AMQPError
 from lvmopstools.testing.amqp.wire import decode_method, deliver_frame
 from lvmopstools.testing.clock import VirtualClock
-
-WAIT = 10.0  # Upper bound, in seconds, on any single wait in this module.
 
 Connect = Callable[..., Awaitable[AbstractConnection]]
 T = TypeVar("T")
@@ -100,23 +99,6 @@ async def connect(broker: MockBroker) -> AsyncIterator[Connect]:
 @pytest_asyncio.fixture
 async def channel(connect: Connect) -> AbstractChannel:
     return await (await connect()).channel()
-
-
-async def drain(queue: AbstractQueue) -> list[bytes]:
-    bodies = []
-    async with asyncio.timeout(WAIT):
-        while (message := await queue.get(no_ack=True, fail=False)) is not None:
-            bodies.append(message.body)
-    return bodies
-
-
-async def closed_with(closing: asyncio.Future[Any]) -> BaseException:
-    async with asyncio.timeout(WAIT):
-        try:
-            await closing
-        except BaseException as err:
-            return err
-    pytest.fail("closed without an error")
 
 
 async def waiting_task(wait: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:

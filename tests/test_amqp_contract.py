@@ -25,6 +25,7 @@ import aio_pika
 import aiormq
 import pytest
 import pytest_asyncio
+from _amqp_support import WAIT, closed_with, drain
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 from clu import AMQPClient
 from clu.exceptions import CluError
@@ -32,8 +33,6 @@ from pamqp import commands, frame
 
 from lvmopstools.actor import ErrorCodesBase, LVMActor
 from lvmopstools.testing.amqp import MockBroker
-
-WAIT = 10.0  # Upper bound, in real seconds, on any single wait in this module.
 
 Connect = Callable[..., Awaitable[AbstractConnection]]
 
@@ -101,25 +100,6 @@ async def channel(connect: Connect) -> AbstractChannel:
     """A channel (with publisher confirms) on a fresh connection."""
     connection = await connect()
     return await connection.channel()
-
-
-async def drain(queue: AbstractQueue) -> list[bytes]:
-    """Return the bodies of every ready message, acknowledging them."""
-    bodies = []
-    async with asyncio.timeout(WAIT):
-        while (message := await queue.get(no_ack=True, fail=False)) is not None:
-            bodies.append(message.body)
-    return bodies
-
-
-async def closed_with(closing: asyncio.Future[Any]) -> BaseException:
-    """Wait for an aiormq ``closing`` future and return why it closed."""
-    async with asyncio.timeout(WAIT):
-        try:
-            await closing
-        except BaseException as err:
-            return err
-    pytest.fail("the channel or connection closed without an error")
 
 
 # --- raw AMQP, for what clients never send --------------------------------------
