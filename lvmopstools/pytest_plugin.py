@@ -12,6 +12,7 @@ plugin costs one small import.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import TYPE_CHECKING
 
@@ -116,6 +117,40 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         names.insert(0, VIRTUAL_CLOCK_MARKER)
 
 
+def _check_the_clock_reaches_the_test(request: pytest.FixtureRequest) -> None:
+    """Raise UsageError when the test would not run on the clock's loop.
+
+    The clock runs on the function-scoped event loop of pytest-asyncio; a
+    regular test function, or a test on a loop of a wider scope, would run
+    in real time with the time functions patched.
+    """
+    node = request.node
+    test = getattr(node, "obj", None)
+    if test is not None and not inspect.iscoroutinefunction(test):
+        msg = (
+            f"{node.nodeid} uses the virtual clock but is a regular function, "
+            "which runs in real time outside the clock's event loop; make it an "
+            "'async def' test (with @pytest.mark.asyncio in strict mode)."
+        )
+        raise pytest.UsageError(msg)
+
+    asyncio_marker = node.get_closest_marker("asyncio")
+    scope = asyncio_marker.kwargs.get("loop_scope") if asyncio_marker else None
+    if scope is None:
+        try:
+            scope = request.config.getini("asyncio_default_test_loop_scope")
+        except ValueError:  # pytest-asyncio before 0.24 has no such setting.
+            scope = None
+    if scope not in (None, "", "function"):
+        msg = (
+            f"{node.nodeid} runs on a {scope!r}-scoped event loop, but the "
+            "virtual clock runs on the function-scoped one; use "
+            "@pytest.mark.asyncio(loop_scope='function') for tests in virtual "
+            "time, or a VirtualClock of your own inside the test."
+        )
+        raise pytest.UsageError(msg)
+
+
 @pytest_asyncio.fixture(loop_scope="function")
 async def virtual_clock(request: pytest.FixtureRequest) -> AsyncIterator[VirtualClock]:
     """An active :class:`~lvmopstools.testing.VirtualClock` for the test.
@@ -129,6 +164,7 @@ async def virtual_clock(request: pytest.FixtureRequest) -> AsyncIterator[Virtual
     """
     from lvmopstools.testing.clock import VirtualClock
 
+    _check_the_clock_reaches_the_test(request)
     marker = request.node.get_closest_marker(VIRTUAL_CLOCK_MARKER)
     kwargs = dict(marker.kwargs) if marker is not None else {}
     if marker is not None and marker.args:

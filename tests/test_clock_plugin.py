@@ -32,10 +32,10 @@ import time
 import pytest
 import pytest_asyncio
 
+from lvmopstools.testing import _clock_patch
 from lvmopstools.testing.clock import current_clock
 
 START = datetime.datetime(2001, 2, 3, tzinfo=datetime.UTC)
-REAL_TIME = time.time
 seen = {}
 
 
@@ -72,7 +72,7 @@ async def test_unmarked_loop_is_untouched():
     loop = asyncio.get_running_loop()
     assert current_clock() is None
     assert "time" not in vars(loop)
-    assert time.time is REAL_TIME
+    assert time.time is _clock_patch.real_time
 
 
 MARK_ASYNCIO
@@ -83,7 +83,7 @@ async def test_marked_failing():
 
 
 def test_restored_after_the_failure():
-    assert time.time is REAL_TIME
+    assert time.time is _clock_patch.real_time
     assert datetime.datetime.now().year > 2001
 """
 
@@ -137,6 +137,44 @@ def test_marker_bad_keyword_is_reported(pytester: pytest.Pytester) -> None:
 
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*quiet_period must be a finite number*got -1*"])
+
+
+def test_a_regular_test_function_is_refused(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import time
+
+        import pytest
+
+        @pytest.mark.virtual_clock()
+        def test_sync():
+            time.sleep(0.01)
+        """
+    )
+
+    result = pytester.runpytest(*ARGS, "-o", "asyncio_mode=strict")
+
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*test_sync uses the virtual clock but is a regular*"])
+
+
+def test_a_wider_loop_scope_is_refused(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import asyncio
+
+        import pytest
+
+        @pytest.mark.asyncio(loop_scope="module")
+        async def test_module_loop(virtual_clock):
+            await asyncio.sleep(0.01)
+        """
+    )
+
+    result = pytester.runpytest(*ARGS, "-o", "asyncio_mode=strict")
+
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*runs on a 'module'-scoped event loop*"])
 
 
 def test_unmarked_tests_never_import_the_clock(pytester: pytest.Pytester) -> None:

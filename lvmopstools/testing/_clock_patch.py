@@ -23,7 +23,15 @@ converts the timestamp it is given and needs no change).
 from __future__ import annotations
 
 import asyncio
+
+# Imported here, before any clock runs, so that they copy the real clock
+# functions: the first run_in_executor under a clock would import them, and
+# queue.Queue.get(timeout=...) with a virtual monotonic would never time out.
+import concurrent.futures.thread  # noqa: F401
+import copyreg
 import datetime as _datetime_module
+import math
+import queue  # noqa: F401
 import sys
 import threading
 import time as _time_module
@@ -48,12 +56,13 @@ real_sleep = _time_module.sleep
 real_datetime = _datetime_module.datetime
 real_date = _datetime_module.date
 
+# The clock's own modules, which hold the replacements themselves.
+_OWN_PREFIXES = ("lvmopstools.testing._clock", "lvmopstools.testing.clock")
+
 # Modules whose captured references are never replaced. They wait in real time
 # with timeouts computed from a captured clock (``from time import monotonic``):
 # with a frozen virtual clock those waits would never expire.
 _NEVER_PATCHED_PREFIXES = (
-    "lvmopstools.testing._clock",
-    "lvmopstools.testing.clock",
     "threading",
     "queue",
     "subprocess",
@@ -147,28 +156,63 @@ def _sleep(seconds: float) -> None:
         real_sleep(seconds)
         return
 
-    if seconds < 0:
-        # Same check and message as the real time.sleep.
-        msg = "sleep length must be non-negative"
-        raise ValueError(msg)
+    check_sleep_length(seconds)
     source.sleep_virtually(float(seconds))
 
 
+def check_sleep_length(seconds: float) -> None:
+    """Refuse what the real ``time.sleep`` refuses, with its exceptions.
+
+    Raises
+    ------
+    ValueError
+        For a negative length or NaN.
+    OverflowError
+        For an infinite length.
+    """
+    if math.isnan(seconds):
+        msg = "Invalid value NaN (not a number)"
+        raise ValueError(msg)
+    if seconds < 0:
+        msg = "sleep length must be non-negative"
+        raise ValueError(msg)
+    if math.isinf(seconds):
+        msg = "timestamp out of range for platform time_t"
+        raise OverflowError(msg)
+
+
 class _DateMeta(type):
-    """Make ``isinstance`` accept real dates for the replacement classes."""
+    """Make ``isinstance`` accept real dates for the two replacement classes.
+
+    Only :class:`VirtualDate` and :class:`VirtualDatetime` themselves are
+    lenient; a class that subclasses them (code defining ``class
+    Stamp(datetime.datetime)`` while a clock runs) checks as usual.
+    """
 
     def __instancecheck__(cls, obj: object) -> bool:
-        return isinstance(obj, cls.__mro__[1])
+        if cls in _LENIENT:
+            return isinstance(obj, cls.__mro__[1])
+        return type.__instancecheck__(cls, obj)
 
     def __subclasscheck__(cls, sub: type) -> bool:
-        return issubclass(sub, cls.__mro__[1])
+        if cls in _LENIENT:
+            return issubclass(sub, cls.__mro__[1])
+        return type.__subclasscheck__(cls, sub)
 
 
 class VirtualDate(real_date, metaclass=_DateMeta):
     """``datetime.date`` whose ``today()`` reads the virtual clock.
 
-    Its class methods return real :class:`datetime.date` objects.
+    Calling the class, and its class methods, make real :class:`datetime.date`
+    objects, so no instance of this class is ever made and nothing outlives
+    the clock with a replaced type. It carries the real class's name and
+    module, so that pickles made under a clock are the usual ones.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is VirtualDate:
+            return real_date(*args, **kwargs)
+        return super().__new__(cls, *args, **kwargs)
 
     @classmethod
     def today(cls) -> _datetime_module.date:  # type: ignore[override]
@@ -180,8 +224,14 @@ class VirtualDatetime(real_datetime, metaclass=_DateMeta):
     """``datetime.datetime`` whose ``now()``, ``utcnow()`` and ``today()``
     read the virtual clock.
 
-    Its class methods return real :class:`datetime.datetime` objects.
+    Calling the class, and its class methods, make real
+    :class:`datetime.datetime` objects, as for :class:`VirtualDate`.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is VirtualDatetime:
+            return real_datetime(*args, **kwargs)
+        return super().__new__(cls, *args, **kwargs)
 
     @classmethod
     def now(  # type: ignore[override]
@@ -201,6 +251,35 @@ class VirtualDatetime(real_datetime, metaclass=_DateMeta):
     def today(cls) -> _datetime_module.datetime:  # type: ignore[override]
         """Return the current local time (virtual under a clock)."""
         return real_datetime.fromtimestamp(_time())
+
+
+_LENIENT = (VirtualDate, VirtualDatetime)
+for _fake, _real in ((VirtualDate, real_date), (VirtualDatetime, real_datetime)):
+    _fake.__module__ = _real.__module__
+    _fake.__name__ = _real.__name__
+    _fake.__qualname__ = _real.__qualname__
+
+
+def _reduce_as(fake: type) -> Callable[[Any], Any]:
+    """Return a pickle reducer that names ``fake`` instead of the real class.
+
+    While the classes are replaced, ``pickle`` finds the replacement under the
+    name ``datetime.datetime`` and refuses to save the real class by that
+    name. Naming the replacement, which carries the same name, writes the
+    usual pickle, which loads as a real datetime anywhere.
+    """
+
+    def reduce(value: Any) -> Any:
+        _, arguments = value.__reduce__()
+        return fake, arguments
+
+    return reduce
+
+
+_PICKLE_REDUCERS = {
+    real_date: _reduce_as(VirtualDate),
+    real_datetime: _reduce_as(VirtualDatetime),
+}
 
 
 # Real object -> replacement, for the module attributes and for the scan.
@@ -236,6 +315,8 @@ _MODULE_ATTRIBUTES: tuple[tuple[ModuleType, str], ...] = (
 # real object that has a replacement (module, attribute name).
 _scanned: set[str] = set()
 _captured: list[tuple[ModuleType, str]] = []
+# Attributes of never-patched modules that hold a replacement, to put back.
+_restore_only: list[tuple[ModuleType, str]] = []
 
 
 def _scan_new_modules() -> None:
@@ -244,12 +325,21 @@ def _scan_new_modules() -> None:
         if name in _scanned:
             continue
         _scanned.add(name)
-        if name.startswith(_NEVER_PATCHED_PREFIXES):
+        if name.startswith(_OWN_PREFIXES):
             continue
-
         try:
             namespace = vars(module)
         except TypeError:
+            continue
+
+        if name.startswith(_NEVER_PATCHED_PREFIXES):
+            # Never made fake, but one imported while a clock ran may have
+            # copied a replacement: that copy is put back on uninstall.
+            _restore_only.extend(
+                (module, attribute)
+                for attribute, value in list(namespace.items())
+                if id(value) in _FAKE_IDS
+            )
             continue
 
         for attribute, value in list(namespace.items()):
@@ -259,7 +349,17 @@ def _scan_new_modules() -> None:
 
 def _swap(to_fake: bool) -> None:
     """Point every known reference at the replacements or back at the reals."""
-    for module, attribute in (*_MODULE_ATTRIBUTES, *_captured):
+    for cls, reducer in _PICKLE_REDUCERS.items():
+        if to_fake:
+            copyreg.pickle(cls, reducer)
+        else:
+            copyreg.dispatch_table.pop(cls, None)
+
+    places = (*_MODULE_ATTRIBUTES, *_captured)
+    if not to_fake:
+        places += tuple(_restore_only)
+        _restore_only.clear()
+    for module, attribute in places:
         value = getattr(module, attribute, None)
         for real, fake in _REPLACEMENTS.values():
             current, new = (real, fake) if to_fake else (fake, real)

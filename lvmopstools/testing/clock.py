@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 DEFAULT_QUIET_PERIOD = 0.005
 
 _IN_FLIGHT = _clock_io.InFlight()
+# Virtual loop time starts on this grid (per second); see VirtualClock._start_on.
+_GRID = 2**16
 _INF = float("inf")
 
 
@@ -159,6 +161,29 @@ class VirtualClock:
         test other than through ``loop.run_in_executor`` (or
         ``asyncio.to_thread``) are invisible to the clock, which may jump
         while they work unless they hold :func:`in_flight`.
+
+    .. note::
+        Work in an executor holds off every jump until it ends, so a worker
+        thread that waits for something only a virtual timer will do
+        (``to_thread(event.wait)`` with ``call_later(1, event.set)``) stalls
+        the clock: it polls for I/O and never reaches the timer. Holds are
+        counted for the whole process, so real work under one clock also
+        delays the jumps of a clock on another loop until it ends.
+
+    .. note::
+        When the clock exits, ``loop.time()``, ``time.monotonic()`` and
+        ``time.perf_counter()`` are the real ones again, which read less
+        than the last virtual value by the virtual time that passed. Timers
+        still scheduled keep their remaining delay. On entry, virtual loop
+        time starts up to 2**-16 s (15 us) after the real one; an absolute
+        deadline taken from ``loop.time()`` before the clock started (for
+        ``loop.call_at``) comes that much earlier.
+
+    .. note::
+        Calling the replaced ``datetime.datetime`` or ``datetime.date``, or
+        their class methods, makes real objects, and datetimes pickle as
+        usual while the classes are replaced. ``type(value) is
+        datetime.datetime`` is False under a clock (``isinstance`` is True).
     """
 
     def __init__(
@@ -183,6 +208,7 @@ class VirtualClock:
         self.autojump = bool(autojump)
         self.quiet_period = float(quiet_period)
         self._start = start
+        _start_epoch(start)  # Checked now, so that a bad start fails at once.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._entered = False
         self._active = False
@@ -299,13 +325,13 @@ class VirtualClock:
         loop_any = cast(Any, loop)
         self._entered = True
         self._loop = loop
-        # Virtual loop time starts at the next whole second of the real loop
-        # time, so that sums of binary fractions (0.25, 0.5 s) stay exact and
-        # clock.time() reads 250 rather than 249.99999999999997 after a
+        # Virtual loop time starts at the next multiple of 2**-16 s (15 us) of
+        # the real loop time, so that sums of binary fractions (0.25, 0.5 s)
+        # stay exact: clock.time() reads 250, not 249.99999999999997, after a
         # thousand 0.25 s sleeps. Timers already scheduled move by the same
         # amount and keep their remaining delay; loop time never goes back.
         real_now = _clock_patch.real_monotonic()
-        self._origin = self._now = float(math.ceil(real_now))
+        self._origin = self._now = math.ceil(real_now * _GRID) / _GRID
         for handle in loop_any._scheduled:
             handle._when += self._origin - real_now
         self._wall_origin = _start_epoch(self._start)
