@@ -11,11 +11,19 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from _tcp_support import LIMIT, bound_every_test, nothing_left_open
+from _tcp_support import (
+    LIMIT,
+    OUTCOMES,
+    ask,
+    bound_every_test,
+    check_fault_outcome,
+    nothing_left_open,
+    pinger,
+)
 
 from lvmopstools.retrier import Retrier
 from lvmopstools.socket import AsyncSocketHandler
@@ -56,27 +64,6 @@ async def device_behind_proxy(
         FaultProxy(device.host, device.port, faults=faults, **proxy_options) as proxy,
     ):
         yield device, proxy
-
-
-async def ask(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
-) -> bytes:
-    """Send one line, return the line read back; raise if the server hung up."""
-    writer.write(request + b"\n")
-    reply = await reader.readline()
-    if not reply.endswith(b"\n"):
-        msg = f"server hung up, got {reply!r}"
-        raise ConnectionError(msg)
-    return reply
-
-
-def pinger(request: bytes = b"ping") -> Callable[..., Any]:
-    async def callback(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bytes:
-        return await ask(reader, writer, request)
-
-    return callback
 
 
 def handler(proxy: FaultProxy, **kwargs: Any) -> AsyncSocketHandler:
@@ -371,39 +358,6 @@ async def _proxied(fault: Fault) -> AsyncIterator[tuple[FaultProxy, int]]:
 
 # --- every fault through AsyncSocketHandler and Retrier -----------------------------
 
-RETRY = {"max_attempts": 2, "delay": 0, "seed": 0}
-WAIT = Retrier(**RETRY).calculate_delay(1)  # Before the second attempt.
-TIMEOUT = 3
-PONG = b"pong\n"
-GARBLED = b"<five garbled bytes>"
-HUNG_UP = ConnectionError  # The callback's own error: EOF before a whole line.
-
-OUTCOMES: list[tuple[Fault, object, int, float]] = [
-    # fault, reply or exception raised, attempts made, virtual seconds taken
-    (RefuseConnections(trigger=TimeWindow(0, 1)), PONG, 2, WAIT),
-    (CloseOnAccept(), HUNG_UP, 2, WAIT),
-    (CloseOnAccept(reset=True), ConnectionResetError, 2, WAIT),
-    (CloseOnAccept(delay=1), HUNG_UP, 2, 1 + WAIT + 1),
-    (Blackhole(), TimeoutError, 2, TIMEOUT + WAIT + TIMEOUT),
-    (Blackhole(close_after=1), HUNG_UP, 2, 1 + WAIT + 1),
-    (CloseAfterBytes(2), HUNG_UP, 2, WAIT),
-    (
-        CloseAfterBytes(2, direction="upstream", reset=True),
-        ConnectionResetError,
-        2,
-        WAIT,
-    ),
-    (SlowClose(2), PONG, 1, 0),
-    (Latency(1, direction="both"), PONG, 1, 2),
-    (Bandwidth(1), TimeoutError, 2, TIMEOUT + WAIT + TIMEOUT),
-    (Slice(1, delay=0.1), PONG, 1, 0.4),
-    (PartialReply(), HUNG_UP, 2, WAIT),
-    (PartialReply(reset=True), ConnectionResetError, 2, WAIT),
-    (CorruptReply(), GARBLED, 1, 0),
-    (WrongReply(), TimeoutError, 2, TIMEOUT + WAIT + TIMEOUT),  # No earlier reply.
-    (StopAnswering(), TimeoutError, 2, TIMEOUT + WAIT + TIMEOUT),
-]
-
 
 @pytest.mark.parametrize(
     ("fault", "outcome", "attempts", "elapsed"),
@@ -413,28 +367,7 @@ OUTCOMES: list[tuple[Fault, object, int, float]] = [
 async def test_every_fault_through_handler_and_retrier(
     fault: Fault, outcome: object, attempts: int, elapsed: float
 ) -> None:
-    retried: list[Exception] = []
-    params = {**RETRY, "on_retry": lambda error, attempt: retried.append(error)}
-    async with VirtualClock() as clock, _proxied(fault) as (device, client_port):
-        ping = AsyncSocketHandler(
-            "127.0.0.1", client_port, timeout=TIMEOUT, retrier_params=params
-        )
-        async with asyncio.timeout(LIMIT):
-            if isinstance(outcome, type):
-                with pytest.raises(outcome):
-                    await ping(pinger())
-            else:
-                reply = await ping(pinger())
-                if outcome is GARBLED:
-                    assert len(reply) == len(PONG)
-                    assert reply != PONG
-                else:
-                    assert reply == outcome
-        assert clock.time() == pytest.approx(elapsed, abs=1e-9)
-
-    assert len(retried) == attempts - 1
-    refused = 1 if isinstance(fault, RefuseConnections) else 0
-    assert device.count("accepted") == attempts - refused
+    await check_fault_outcome(_proxied, fault, outcome, attempts, elapsed)
 
 
 # --- nothing left open --------------------------------------------------------------
