@@ -35,6 +35,7 @@ from lvmopstools._state import (
     create_error_codes,
     exception_data,
 )
+from lvmopstools._timed import LazyTimedCommandList
 
 if TYPE_CHECKING:
     from clu.command import Command
@@ -104,6 +105,12 @@ class LVMActor(AMQPActor):  # type: ignore[misc]
         A check that calls :meth:`troubleshoot` itself and returns normally
         keeps the state troubleshooting left; only a check that neither raised
         nor troubleshot marks the actor ready.
+
+    .. note::
+        ``timed_commands`` is a
+        :class:`~lvmopstools._timed.LazyTimedCommandList`: it runs the timed
+        commands it holds on clu's schedule, but does not wake every half
+        second while it holds none, as clu's own list does.
     """
 
     RESTART_MODES: ClassVar[tuple[str, ...]] = RESTART_MODES
@@ -129,6 +136,8 @@ class LVMActor(AMQPActor):  # type: ignore[misc]
 
         super().__init__(*args, **kwargs)
 
+        # clu's own list polls twice a second even when it is empty.
+        self.timed_commands = LazyTimedCommandList(self)
         self.state = ActorState(0)
         self.check_interval = check_interval
         self.restart_after = restart_after

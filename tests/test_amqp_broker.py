@@ -22,6 +22,7 @@ import aio_pika
 import aiormq
 import pytest
 import pytest_asyncio
+from _actor_support import QuietActor
 from _amqp_support import WAIT, closed_with, drain
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 from clu import AMQPClient
@@ -29,7 +30,6 @@ from pamqp import body as body_frame
 from pamqp import commands, frame
 from pamqp import header as header_frame
 
-from lvmopstools.actor import ErrorCodesBase, LVMActor
 from lvmopstools.testing.amqp import (
     CloseChannel,
     DelayMessages,
@@ -117,18 +117,6 @@ async def waiting_task(wait: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:
     async with asyncio.timeout(WAIT):
         await registered.wait()
     return task
-
-
-class QuietActor(LVMActor):
-    """An LVMActor whose health check always passes."""
-
-    async def _check_internal(self) -> None:
-        return None
-
-    async def _troubleshoot_internal(
-        self, error_code: ErrorCodesBase, exception: Exception | None = None
-    ) -> bool:
-        return True
 
 
 # --- life cycle ------------------------------------------------------------------

@@ -25,13 +25,13 @@ import aio_pika
 import aiormq
 import pytest
 import pytest_asyncio
+from _actor_support import QuietActor
 from _amqp_support import WAIT, closed_with, drain
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 from clu import AMQPClient
 from clu.exceptions import CluError
 from pamqp import commands, frame
 
-from lvmopstools.actor import ErrorCodesBase, LVMActor
 from lvmopstools.testing.amqp import MockBroker
 
 Connect = Callable[..., Awaitable[AbstractConnection]]
@@ -1152,18 +1152,6 @@ async def test_bad_frames_close_only_that_connection(
 
 
 # --- clu on the broker -----------------------------------------------------------
-
-
-class QuietActor(LVMActor):
-    """An LVMActor whose health check always passes."""
-
-    async def _check_internal(self) -> None:
-        return None
-
-    async def _troubleshoot_internal(
-        self, error_code: ErrorCodesBase, exception: Exception | None = None
-    ) -> bool:
-        return True
 
 
 @pytest.mark.asyncio
