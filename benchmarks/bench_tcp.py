@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -209,15 +210,37 @@ async def _time_bulk(port: int, total: int) -> float:
         await writer.wait_closed()
 
 
+def _time_hops(number: int) -> float:
+    """Return the seconds ``number`` one-way 64-byte loopback TCP hops take.
+
+    A hop is one ``send`` on a connected socket and the ``recv`` that reads it
+    on the other end, in this thread with blocking sockets: the kernel's part
+    of a forwarded message, with no event loop and no Python protocol code.
+    """
+    with socket.create_server((HOST, 0)) as listener:
+        sender = socket.create_connection(listener.getsockname())
+        receiver, _ = listener.accept()
+    with sender, receiver:
+        sender.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        start = time.perf_counter()
+        for _ in range(number):
+            sender.sendall(MESSAGE)
+            got = 0
+            while got < len(MESSAGE):
+                got += len(receiver.recv(len(MESSAGE) - got))
+        return time.perf_counter() - start
+
+
 async def _measure_all(
     paths: dict[str, Opener], number: int, total: int, repeat: int
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Return the best us/rtt and MB/s of every path.
+    """Return the best us/rtt and MB/s of every path, and of one TCP hop.
 
     The paths take turns within each of the ``repeat`` rounds, so that a
-    change in the machine's load hits all of them alike.
+    change in the machine's load hits all of them alike. The hop's figure is
+    under the key ``"hop"`` of the latencies.
     """
-    latency = dict.fromkeys(paths, float("inf"))
+    latency = dict.fromkeys([*paths, "hop"], float("inf"))
     rate = dict.fromkeys(paths, 0.0)
     async with contextlib.AsyncExitStack() as stack:
         echo = await stack.enter_async_context(_server(_Echo))
@@ -239,6 +262,8 @@ async def _measure_all(
             for name, (reader, writer) in streams.items():
                 elapsed = await _time_round_trips(reader, writer, number)
                 latency[name] = min(latency[name], elapsed / number * 1e6)
+            hop = _time_hops(number) / number * 1e6
+            latency["hop"] = min(latency["hop"], hop)
             for name, port in sink_ports.items():
                 elapsed = await _time_bulk(port, total)
                 rate[name] = max(rate[name], total / elapsed / 1e6)
@@ -281,6 +306,7 @@ def run(quick: bool = False) -> list[Row]:
             (BULK_CASE, rate, "MB/s"),
         ):
             rows.append(_info_row(case, values, unit, name, label))
+    rows.append(_floor_row(latency))
     return rows
 
 
@@ -315,6 +341,29 @@ def _info_row(
     ratio = values[name] / values["direct"]
     note = f"informative, ratio is {name}/direct"
     return Row(case, ours, label, values[name], unit, ratio, note=note)
+
+
+def _floor_row(latency: dict[str, float]) -> Row:
+    """Return the informative row of the least round trip any proxy can reach.
+
+    A proxy that ends the client's TCP connection and opens its own to the
+    server adds two loopback hops to each round trip (one each way), whatever
+    it does in between.
+    """
+    floor = latency["direct"] + 2 * latency["hop"]
+    note = (
+        f"informative: direct + 2 x one 64 B TCP hop ({latency['hop']:.1f} us);"
+        " ratio is floor/direct"
+    )
+    return Row(
+        RTT_CASE,
+        latency["FaultProxy"],
+        "floor for any TCP proxy",
+        floor,
+        "us/rtt",
+        floor / latency["direct"],
+        note=note,
+    )
 
 
 if __name__ == "__main__":
