@@ -14,6 +14,7 @@ and when is clu's logic, kept as it is.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Iterable
 from typing import Any, SupportsIndex
@@ -28,22 +29,26 @@ class LazyTimedCommandList(TimedCommandList):  # type: ignore[misc]  # clu is un
 
     While the list holds commands, the poller runs clu's schedule: every
     ``resolution`` seconds it starts each command whose ``delay`` has passed
-    since it last finished, and on its first round it starts them all. While
-    the list is empty the poller waits until a command is added, through
-    ``add_command``, ``append``, ``extend``, ``insert``, ``+=`` or item
-    assignment, and then polls at once instead of at the next half-second.
-    As in clu, the first round (at start, empty or not) starts every command
-    it holds regardless of ``delay``.
+    since it last finished; its first round after start, empty or not,
+    starts every command it holds regardless of ``delay``. While the list is
+    empty the poller waits until a command is added, through ``add_command``,
+    ``append``, ``extend``, ``insert``, ``+=`` or item assignment, and then
+    polls at once instead of at the next half-second.
 
     Parameters
     ----------
     actor
         The actor the commands run on.
     resolution
-        Seconds between polls while the list holds commands.
+        Seconds between polls while the list holds commands; positive.
     loop
         The event loop the commands' tasks are created on; by default the
         current one, as clu does.
+
+    Raises
+    ------
+    ValueError
+        If ``resolution`` is not a positive finite number.
 
     .. note::
         Like clu's list, this one is not thread-safe: add commands from the
@@ -56,6 +61,13 @@ class LazyTimedCommandList(TimedCommandList):  # type: ignore[misc]  # clu is un
         resolution: float = 0.5,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
+        if not 0 < resolution < math.inf:
+            msg = (
+                f"resolution must be a positive number of seconds, got {resolution!r}"
+                " (clu's default is 0.5)"
+            )
+            raise ValueError(msg)
+
         super().__init__(actor, resolution=resolution, loop=loop)
 
         self._added = asyncio.Event()

@@ -61,6 +61,14 @@ def test_lvmactor_polls_with_the_lazy_list() -> None:
     assert actor.timed_commands.resolution == 0.5
 
 
+@pytest.mark.parametrize("resolution", [0, -0.5, float("nan"), float("inf")])
+def test_a_resolution_that_is_not_positive_is_refused(resolution: float) -> None:
+    actor = _TickingActor(name="bad-list", url="amqp://guest:guest@127.0.0.1:1/")
+
+    with pytest.raises(ValueError, match=r"resolution must be a positive .*got"):
+        LazyTimedCommandList(actor, resolution=resolution)
+
+
 @pytest.mark.asyncio
 async def test_a_held_command_runs_on_clus_schedule() -> None:
     clus = await _tick_schedule(TimedCommandList, 60)
