@@ -39,7 +39,7 @@ from asyncio import selector_events
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from lvmopstools.testing import _clock_io, _clock_patch
+from lvmopstools.testing import _clock_driver, _clock_io, _clock_patch
 
 if TYPE_CHECKING:
     import contextlib
@@ -60,23 +60,6 @@ DEFAULT_QUIET_PERIOD = 0.005
 _IN_FLIGHT = _clock_io.InFlight()
 # Virtual loop time starts on this grid (per second); see VirtualClock._start_on.
 _GRID = 2**16
-_INF = float("inf")
-
-
-class _Request:
-    """A pending ``advance`` or ``advance_until`` on the clock."""
-
-    __slots__ = ("future", "limit", "predicate")
-
-    def __init__(
-        self,
-        future: asyncio.Future[bool],
-        limit: float,
-        predicate: Callable[[], object] | None,
-    ) -> None:
-        self.future = future
-        self.limit = limit
-        self.predicate = predicate
 
 
 def _start_epoch(start: datetime.datetime | float | None) -> float:
@@ -100,7 +83,7 @@ def _start_epoch(start: datetime.datetime | float | None) -> float:
     raise TypeError(msg)
 
 
-class VirtualClock:
+class VirtualClock(_clock_driver.ClockDriver):
     """Virtual time for the running event loop, the wall clock and sleeps.
 
     Use it as an async context manager inside a running event loop::
@@ -193,18 +176,14 @@ class VirtualClock:
         autojump: bool = True,
         quiet_period: float = DEFAULT_QUIET_PERIOD,
     ) -> None:
-        if (
-            isinstance(quiet_period, bool)
-            or not isinstance(quiet_period, int | float)
-            or not math.isfinite(quiet_period)
-            or quiet_period < 0
-        ):
+        if not _clock_driver.is_seconds(quiet_period):
             msg = (
                 f"quiet_period must be a finite number of real seconds >= 0, "
                 f"got {quiet_period!r}."
             )
             raise ValueError(msg)
 
+        super().__init__()
         self.autojump = bool(autojump)
         self.quiet_period = float(quiet_period)
         self._start = start
@@ -216,7 +195,6 @@ class VirtualClock:
         self._now = 0.0
         self._wall_origin = 0.0
         self._perf_origin = 0.0
-        self._request: _Request | None = None
         self._undo: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
@@ -386,9 +364,7 @@ class VirtualClock:
         self._active = False
         loop = cast(Any, self._loop)
 
-        request, self._request = self._request, None
-        if request is not None and not request.future.done():
-            request.future.cancel()
+        self._cancel_request()
 
         while self._undo:
             self._undo.pop()()
@@ -399,184 +375,6 @@ class VirtualClock:
         for handle in loop._scheduled:
             handle._when += shift
         log.debug("virtual clock stopped after %.6f virtual seconds", self.time())
-
-    # --- moving time --------------------------------------------------------
-
-    def jump_limit(self) -> float | None:
-        """Return the loop time up to which an idle loop may jump, or None.
-
-        Called by the selector proxy; not meant for tests.
-        """
-        request = self._request
-        if request is not None:
-            return request.limit
-        return _INF if self.autojump else None
-
-    def idle(self, next_timer: float | None, limit: float) -> bool:
-        """Move virtual time because the loop is idle; tell whether it moved.
-
-        Called by the selector proxy; not meant for tests.
-        """
-        request = self._request
-        if request is not None and request.predicate is not None:
-            try:
-                satisfied = bool(request.predicate())
-            except BaseException as error:
-                self._finish(request, error)
-                return True
-            if satisfied:
-                self._finish(request, True)
-                return True
-
-        if next_timer is not None and next_timer <= limit:
-            self._now = max(self._now, next_timer)
-            return True
-
-        if limit == _INF:
-            return False
-
-        self._now = max(self._now, limit)
-        if request is not None:
-            self._finish(request, False)
-        return True
-
-    def _finish(self, request: _Request, outcome: bool | BaseException) -> None:
-        self._request = None
-        if request.future.done():
-            return
-        if isinstance(outcome, BaseException):
-            request.future.set_exception(outcome)
-        else:
-            request.future.set_result(outcome)
-
-    def sleep_virtually(self, seconds: float) -> None:
-        """Move virtual time forward by ``seconds`` (``time.sleep`` under the clock).
-
-        Timers that become due run when control returns to the event loop.
-        """
-        self._now += seconds
-
-    def _check_loop(self, method: str) -> asyncio.AbstractEventLoop:
-        """Return the running loop, checking it is this clock's loop."""
-        if not self._active:
-            msg = (
-                f"{method}() needs an active clock, but {self!r} is not running: "
-                "call it inside 'async with clock:'."
-            )
-            raise RuntimeError(msg)
-
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            msg = (
-                f"{method}() was called from event loop {loop!r}, but this clock "
-                f"runs on {self._loop!r}: use each clock on its own loop only."
-            )
-            raise RuntimeError(msg)
-
-        if self._request is not None:
-            msg = (
-                f"{method}() was called while another advance() or "
-                "advance_until() is waiting on this clock: await them one at a "
-                "time."
-            )
-            raise RuntimeError(msg)
-        return loop
-
-    async def advance(self, seconds: float) -> None:
-        """Move virtual time forward, running every timer due on the way.
-
-        Timers run in order at their own virtual time, including timers that
-        callbacks schedule during the advance. Returns when time has reached
-        the target and the loop is idle. Works in both modes.
-
-        Parameters
-        ----------
-        seconds
-            Virtual seconds to move forward; finite and >= 0.
-
-        Raises
-        ------
-        ValueError
-            If ``seconds`` is negative or not finite.
-        RuntimeError
-            If the clock is not active, runs on another loop, or another
-            advance is already waiting.
-        """
-        if (
-            isinstance(seconds, bool)
-            or not isinstance(seconds, int | float)
-            or not math.isfinite(seconds)
-            or seconds < 0
-        ):
-            msg = f"advance() needs finite virtual seconds >= 0, got {seconds!r}."
-            raise ValueError(msg)
-
-        loop = self._check_loop("advance")
-        await self._wait(_Request(loop.create_future(), self._now + seconds, None))
-
-    async def advance_until(
-        self,
-        predicate: Callable[[], object],
-        *,
-        timeout: float | None,  # noqa: ASYNC109 (virtual seconds, not a real timeout)
-    ) -> None:
-        """Move virtual time until ``predicate()`` is true.
-
-        The predicate is called now and then each time the loop is idle, before
-        each jump, so time stops at the first instant it holds.
-
-        Parameters
-        ----------
-        predicate
-            A function of no arguments; truthy means done.
-        timeout
-            Keyword only. Virtual seconds after which to give up, or None for
-            no limit (then, with no timer left, the loop waits for real I/O).
-
-        Raises
-        ------
-        TimeoutError
-            If ``predicate()`` is still false ``timeout`` virtual seconds later.
-        ValueError
-            If ``timeout`` is negative or not finite, or ``predicate`` is not
-            callable.
-        RuntimeError
-            As for :meth:`advance`.
-        """
-        if not callable(predicate):
-            msg = f"advance_until() needs a callable predicate, got {predicate!r}."
-            raise ValueError(msg)
-        if timeout is not None and (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or not math.isfinite(timeout)
-            or timeout < 0
-        ):
-            msg = (
-                f"advance_until() needs timeout=None or finite virtual seconds "
-                f">= 0, got {timeout!r}."
-            )
-            raise ValueError(msg)
-
-        loop = self._check_loop("advance_until")
-        if predicate():
-            return
-
-        limit = _INF if timeout is None else self._now + timeout
-        if not await self._wait(_Request(loop.create_future(), limit, predicate)):
-            msg = (
-                f"advance_until(): {predicate!r} was still false after {timeout!r} "
-                f"virtual seconds (clock.time() = {self.time():.6f})."
-            )
-            raise TimeoutError(msg)
-
-    async def _wait(self, request: _Request) -> bool:
-        self._request = request
-        try:
-            return await request.future
-        finally:
-            if self._request is request:
-                self._request = None
 
 
 def current_clock() -> VirtualClock | None:

@@ -8,7 +8,8 @@ publish (:meth:`MockBroker.messages`, :meth:`MockBroker.replies`,
 (:meth:`MockBroker.inject` with a fault from
 :mod:`lvmopstools.testing.amqp.faults`). A test can wait for its state
 (:meth:`MockBroker.wait_connections`, :meth:`MockBroker.wait_running`) and
-check that it left nothing open (:meth:`MockBroker.leftovers`).
+check that it left nothing open (:meth:`MockBroker.leftovers`). The
+fault-injection controls are its base class, in :mod:`._injection`.
 
 What it does not simulate: more than one virtual host, users other than the
 configured one, persistence across restarts (a restart loses every queue and
@@ -29,22 +30,16 @@ from urllib.parse import quote
 from pamqp import commands
 
 from ..clock import register_owned_address
+from ._injection import FaultInjection
 from .faults import (
-    CloseChannel,
     DelayMessages,
-    DropConnections,
     DropMessages,
     DuplicateMessages,
-    Fault,
-    FaultHandle,
-    MessageRule,
     MessageRules,
     NackConfirms,
-    RefuseConnections,
-    RestartBroker,
     WithholdConfirms,
 )
-from .model import AMQPError, BrokerState, Envelope, Message
+from .model import BrokerState, Envelope, Message
 from .records import CluReply, MessageLog, PublishedMessage, record_of
 
 if TYPE_CHECKING:
@@ -56,7 +51,7 @@ __all__ = ["MockBroker"]
 log = logging.getLogger(__name__)
 
 
-class MockBroker:
+class MockBroker(FaultInjection):
     """An in-process AMQP 0-9-1 broker on loopback.
 
     Parameters
@@ -142,12 +137,8 @@ class MockBroker:
         self._unregister: Callable[[], None] | None = None
         self._lost: asyncio.Event | None = None
         self._started = False
-        #: Resolved when a restart's downtime ends: True to start again, False
-        #: when stop() or start() was called meanwhile.
-        self._downtime: asyncio.Future[bool] | None = None
-        self._downtime_timer: asyncio.TimerHandle | None = None
-        #: The timer that ends a RefuseConnections refusal.
-        self._refusal: asyncio.TimerHandle | None = None
+        # The restart downtime and refusal state (see FaultInjection).
+        super().__init__()
 
     # --- life cycle ---
 
@@ -227,42 +218,6 @@ class MockBroker:
             self._unregister()
             self._unregister = None
         log.info("mock broker on port %d stopped", self._port)
-
-    async def restart(self, downtime: float = 0.0) -> None:
-        """Stop, wait ``downtime`` seconds (loop time), and start on the same port.
-
-        A :meth:`stop` while the restart stops the broker or waits, or a
-        :meth:`start` during the downtime, cancels the restart: this returns
-        without starting the broker.
-        """
-        self._end_downtime(resume=False)
-        loop = asyncio.get_running_loop()
-        self._downtime = ending = loop.create_future()
-        try:
-            await self._stop()
-            if not ending.done():
-                self._downtime_timer = loop.call_later(
-                    downtime, self._end_downtime, True
-                )
-                self._timers.add(self._downtime_timer)
-            resume = await ending
-        finally:
-            if self._downtime is ending:
-                self._end_downtime(resume=False)
-
-        if resume:
-            await self.start()
-        else:
-            log.info("mock broker restart on port %d cancelled", self._port)
-
-    def _end_downtime(self, resume: bool) -> None:
-        if self._downtime_timer is not None:
-            self._downtime_timer.cancel()
-            self._timers.discard(self._downtime_timer)
-            self._downtime_timer = None
-        if self._downtime is not None and not self._downtime.done():
-            self._downtime.set_result(resume)
-        self._downtime = None
 
     async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
@@ -464,114 +419,6 @@ class MockBroker:
         See :meth:`MessageLog.wait_for_reply <.records.MessageLog.wait_for_reply>`.
         """
         return await self.log.wait_for_reply(predicate, timeout=timeout, past=past)
-
-    # --- faults ---
-
-    async def inject(self, fault: Fault) -> FaultHandle | None:
-        """Apply a fault; return a handle for message rules, None for actions.
-
-        Actions (:class:`RestartBroker`, :class:`DropConnections`,
-        :class:`RefuseConnections`, :class:`CloseChannel`) act at once;
-        ``RestartBroker`` returns when the broker is back (or when a
-        :meth:`stop` during the downtime cancelled the restart). Message rules stay
-        in force until their ``count`` is used up or the handle is removed.
-
-        A ``RefuseConnections`` during a refusal extends it to the later of
-        the two ends.
-
-        Raises
-        ------
-        TypeError
-            If ``fault`` is not one of the broker faults.
-        RuntimeError
-            For ``RefuseConnections`` while the broker is stopped or
-            restarting.
-        """
-        if isinstance(fault, MessageRule):
-            return self.rules.add(fault)
-
-        if isinstance(fault, RestartBroker):
-            await self.restart(fault.downtime)
-        elif isinstance(fault, DropConnections):
-            self._drop(fault.count, fault.mode, "closed by a DropConnections fault")
-        elif isinstance(fault, RefuseConnections):
-            await self._refuse(fault.duration)
-        elif isinstance(fault, CloseChannel):
-            self._close_channels(fault)
-        else:
-            msg = (
-                f"{fault!r} is not a broker fault; use one from "
-                "lvmopstools.testing.amqp.faults"
-            )
-            raise TypeError(msg)
-        return None
-
-    def clear_faults(self) -> None:
-        """Remove every message rule."""
-        self.rules.clear()
-
-    def _drop(self, count: int | None, mode: str, reason: str) -> None:
-        victims = self._connections[:count] if count is not None else self._connections
-        for connection in list(victims):
-            if mode == "reset":
-                connection.reset()
-            else:
-                connection.fail(AMQPError(320, reason))
-                connection.close_transport()
-
-    async def _refuse(self, duration: float) -> None:
-        if not self._started:
-            state = "restarting" if self._downtime is not None else "stopped"
-            msg = (
-                f"cannot refuse connections: the broker is {state}; inject "
-                "RefuseConnections while it is running"
-            )
-            raise RuntimeError(msg)
-        for task in list(self._tasks):
-            # A refusal that is ending: let it listen again, then refuse anew.
-            await asyncio.gather(task, return_exceptions=True)
-
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + duration
-        if self._refusal is not None:
-            if self._refusal.when() >= deadline:
-                return
-            # A second refusal while refusing: the later deadline wins.
-            self._refusal.cancel()
-            self._timers.discard(self._refusal)
-        self._close_listener()
-
-        def reopen() -> None:
-            self._timers.discard(timer)
-            self._refusal = None
-            task = loop.create_task(self._listen())
-            self._tasks.add(task)
-            task.add_done_callback(self._reopened)
-
-        timer = loop.call_at(deadline, reopen)
-        self._refusal = timer
-        self._timers.add(timer)
-
-    def _reopened(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error(
-                "mock broker could not listen on port %d again after refusing "
-                "connections: %s",
-                self._port,
-                task.exception(),
-            )
-
-    def _close_channels(self, fault: CloseChannel) -> None:
-        for connection in list(self._connections):
-            for number, channel in list(connection.channels.items()):
-                if fault.queue is not None and not any(
-                    c.queue.name == fault.queue for c in channel.consumers.values()
-                ):
-                    continue
-                err = AMQPError(fault.code, "closed by a CloseChannel fault")
-                err.text = fault.text
-                connection.close_channel(number, err, None)
 
     # --- publishing ---
 

@@ -5,7 +5,8 @@
 - :class:`FaultProxy`: a TCP proxy on 127.0.0.1 in front of any real server.
 
 Both take the faults of :mod:`lvmopstools.testing.tcp.faults` (which say what
-goes wrong, and when), record what happens in an event log
+goes wrong) with the triggers of :mod:`lvmopstools.testing.tcp.triggers` (which
+say when), record what happens in an event log
 (:mod:`lvmopstools.testing.tcp.records`), run their delays on the virtual
 clock when one is active, and close every socket, timer and task they opened
 on exit.
@@ -13,7 +14,7 @@ on exit.
 
 from __future__ import annotations
 
-from lvmopstools.testing.tcp._endpoint import PortTakenError
+from lvmopstools.testing.tcp._listener import PortTakenError
 from lvmopstools.testing.tcp.faults import (
     AfterN,
     Always,

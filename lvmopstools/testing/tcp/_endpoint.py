@@ -1,9 +1,11 @@
 """What FlakyServer and FaultProxy share: the listener, the faults, the log.
 
-A private module. :class:`Endpoint` owns the listening socket (so that it can
-really close the port to refuse connections and open the same port again),
-the list of active faults and their trigger state, the event log, the tasks it
-started, and the registration of its address with the virtual clock.
+A private module. :class:`Endpoint` owns a
+:class:`~lvmopstools.testing.tcp._listener.Listener` (the listening socket,
+which really closes the port to refuse connections and opens the same port
+again), the list of active faults and their trigger state, the event log, the
+connections it accepted and the tasks it started, and the registration of its
+address with the virtual clock.
 """
 
 from __future__ import annotations
@@ -11,49 +13,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
-import struct
 from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from lvmopstools.testing.clock import current_clock, register_owned_address
+from lvmopstools.testing.tcp._listener import Listener
 from lvmopstools.testing.tcp._triggers import FaultState
-from lvmopstools.testing.tcp.faults import (
-    Fault,
-    RefuseConnections,
-    Scope,
-    TimeWindow,
-)
+from lvmopstools.testing.tcp.faults import Fault, RefuseConnections, Scope
 from lvmopstools.testing.tcp.records import Event, EventLog
 
 if TYPE_CHECKING:
+    import socket
     from types import TracebackType
 
     from faker import Faker
 
     from lvmopstools.testing.tcp._link import Link
 
-__all__ = ["Endpoint", "PortTakenError", "set_reset"]
+__all__ = ["Endpoint"]
 
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Fault)
-
-_BACKLOG = 128
-_ACCEPT_BATCH = 32
-
-
-class PortTakenError(OSError):
-    """The port could not be opened again after refusing connections."""
-
-
-def set_reset(sock: Any) -> None:
-    """Make closing ``sock`` send a TCP reset (RST) instead of a FIN."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        # The socket is already gone; closing it sends nothing either way.
-        log.debug("cannot set SO_LINGER on %r", sock, exc_info=True)
 
 
 class Endpoint:
@@ -99,9 +80,7 @@ class Endpoint:
         self.log = EventLog()
         self._faker: Faker | None = None
 
-        self._host = host
-        self._port = port
-        self._listener: socket.socket | None = None
+        self._listener = Listener(self, host=host, port=port, on_accept=self._accepted)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started_at = 0.0
         self._opened = False
@@ -110,7 +89,6 @@ class Endpoint:
         self._links: set[Link] = set()
 
         self._faults: list[FaultState] = []
-        self._refusers: set[FaultState] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._errors: list[BaseException] = []
         self._accepted_count = 0
@@ -130,7 +108,7 @@ class Endpoint:
     @property
     def host(self) -> str:
         """The host clients connect to."""
-        return self._host
+        return self._listener.host
 
     @property
     def port(self) -> int:
@@ -141,7 +119,7 @@ class Endpoint:
                 "'async with' or await open() first"
             )
             raise RuntimeError(msg)
-        return self._port
+        return self._listener.port
 
     @property
     def address(self) -> tuple[str, int]:
@@ -151,7 +129,7 @@ class Endpoint:
     @property
     def listening(self) -> bool:
         """True while the port accepts connections."""
-        return self._listener is not None
+        return self._listener.listening
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -181,22 +159,22 @@ class Endpoint:
         """
         if self._opened:
             msg = (
-                f"{self.name} was already opened on {self._host}:{self._port}; "
+                f"{self.name} was already opened on {self.host}:{self.port}; "
                 "an endpoint opens once: create a new one"
             )
             raise RuntimeError(msg)
 
         self._loop = asyncio.get_running_loop()
         self._started_at = self._loop.time()
-        self._listen()
+        self._listener.open(self._loop)
         self._opened = True
-        self._unregister = register_owned_address(self._host, self._port)
-        self.record("opened", host=self._host, port=self._port)
-        log.debug("%s listening on %s:%d", self.name, self._host, self._port)
+        self._unregister = register_owned_address(self.host, self.port)
+        self.record("opened", host=self.host, port=self.port)
+        log.debug("%s listening on %s:%d", self.name, self.host, self.port)
 
         for state in list(self._faults):
             if state.fault.scope == "listener":
-                self._schedule_listener_fault(state)
+                self._listener.schedule(state)
 
     async def close(self, *, raise_errors: bool = True) -> None:
         """Close the port, every connection, timer and task; idempotent.
@@ -221,8 +199,8 @@ class Endpoint:
         self._closing = True
 
         for state in self._faults:
-            self._cancel_handles(state)
-        self._close_listener(record=False)
+            state.cancel_timers()
+        self._listener.shut()
 
         # Links first: a task cancelled before its first step cleans nothing
         # up, so each link closes what it holds (an accepted socket not yet
@@ -261,6 +239,17 @@ class Endpoint:
         self._links.discard(link)
         self.record("closed", link.number, error=None if exc is None else repr(exc))
 
+    def _accepted(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        """Number, record and adopt a connection the listener accepted."""
+        self._accepted_count += 1
+        number = self._accepted_count
+        self.record("accepted", number, peer=f"{peer[0]}:{peer[1]}")
+        fired = [fault for fault, _ in self.select("connection", connection=number)]
+        link = self.make_link(number, fired)
+        link.sock = conn
+        self._links.add(link)
+        self.spawn(self._adopt(conn, link))
+
     async def _adopt(self, sock: socket.socket, link: Link) -> None:
         """Wrap an accepted socket in a transport driven by ``link``."""
         assert self._loop is not None
@@ -296,135 +285,6 @@ class Endpoint:
         log.debug("%s: background error %r", self.name, exc)
         self._errors.append(exc)
         self.record("error", error=repr(exc))
-
-    # --- the listening socket ----------------------------------------------------
-
-    def _listen(self) -> None:
-        # Limitation: IPv4 only; an IPv6 host fails with bind()'s OSError.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self._host, self._port))
-            sock.listen(_BACKLOG)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
-
-        self._port = sock.getsockname()[1]
-        self._listener = sock
-        assert self._loop is not None
-        self._loop.add_reader(sock.fileno(), self._on_acceptable, sock)
-
-    def _on_acceptable(self, sock: socket.socket) -> None:
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                conn, peer = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self._accept_failed(sock, exc)
-                return
-
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._accepted_count += 1
-            number = self._accepted_count
-            self.record("accepted", number, peer=f"{peer[0]}:{peer[1]}")
-            fired = [fault for fault, _ in self.select("connection", connection=number)]
-            link = self.make_link(number, fired)
-            link.sock = conn
-            self._links.add(link)
-            self.spawn(self._adopt(conn, link))
-
-    def _accept_failed(self, sock: socket.socket, exc: OSError) -> None:
-        # Limitation: the port stops accepting (the socket stays readable while
-        # the error lasts, so watching it would spin the loop); clients that
-        # connect from now on wait in the backlog until close().
-        assert self._loop is not None
-        self._loop.remove_reader(sock.fileno())
-        msg = (
-            f"{self.name}: accept() failed on port {self._port} "
-            f"({exc.strerror or exc!r}), so the port stopped accepting "
-            "connections; raise the open-file limit (ulimit -n) or close the "
-            "connections the test no longer needs"
-        )
-        error = OSError(exc.errno, msg)
-        error.__cause__ = exc
-        self.fail(error)
-
-    def _close_listener(self, *, record: bool = True) -> None:
-        sock = self._listener
-        if sock is None:
-            return
-
-        self._listener = None
-        assert self._loop is not None
-        self._loop.remove_reader(sock.fileno())
-        sock.close()
-        if record:
-            self.record("listener_closed", port=self._port)
-            log.debug("%s: port %d closed", self.name, self._port)
-
-    def _reopen_listener(self) -> None:
-        try:
-            self._listen()
-        except OSError as exc:
-            msg = (
-                f"{self.name}: cannot listen on {self._host}:{self._port} again "
-                f"after refusing connections ({exc.strerror or exc}); another "
-                "socket took the port meanwhile. Close it, or use a fresh server"
-            )
-            raise PortTakenError(exc.errno, msg) from exc
-
-        self.record("listener_reopened", port=self._port)
-        log.debug("%s: port %d open again", self.name, self._port)
-
-    def _refuse(self, state: FaultState) -> None:
-        self._refusers.add(state)
-        if self._listener is not None:
-            self.record("fault", fault=state.fault.kind)
-        self._close_listener()
-
-    def _unrefuse(self, state: FaultState, *, background: bool) -> None:
-        self._refusers.discard(state)
-        if self._refusers or self._closing or self._listener is not None:
-            return
-
-        try:
-            self._reopen_listener()
-        except PortTakenError as exc:
-            if not background:
-                raise
-            self.fail(exc)
-
-    def _schedule_listener_fault(self, state: FaultState) -> None:
-        assert self._loop is not None
-        trigger = state.fault.trigger
-
-        if not isinstance(trigger, TimeWindow):
-            self._refuse(state)
-            return
-
-        elapsed = self.elapsed()
-        if trigger.contains(elapsed):
-            self._refuse(state)
-        elif elapsed < trigger.start:
-            handle = self._loop.call_later(trigger.start - elapsed, self._refuse, state)
-            state.handles.append(handle)
-
-        if trigger.end is not None and elapsed < trigger.end:
-            handle = self._loop.call_later(
-                trigger.end - elapsed,
-                lambda: self._unrefuse(state, background=True),
-            )
-            state.handles.append(handle)
-
-    @staticmethod
-    def _cancel_handles(state: FaultState) -> None:
-        for handle in state.handles:
-            handle.cancel()
-        state.handles.clear()
 
     # --- faults ------------------------------------------------------------------
 
@@ -474,7 +334,7 @@ class Endpoint:
         self._faults.append(state)
         self.record("fault_added", fault=fault.kind, trigger=fault.trigger.kind)
         if fault.scope == "listener" and self._opened and not self._closing:
-            self._schedule_listener_fault(state)
+            self._listener.schedule(state)
         return fault
 
     def remove_fault(self, fault: Fault) -> None:
@@ -505,10 +365,10 @@ class Endpoint:
             raise ValueError(msg)
 
         self._faults.remove(state)
-        self._cancel_handles(state)
+        state.cancel_timers()
         self.record("fault_removed", fault=fault.kind)
         if isinstance(fault, RefuseConnections) and self._opened:
-            self._unrefuse(state, background=False)
+            self._listener.unrefuse(state, background=False)
 
     def clear_faults(self) -> None:
         """Remove every active fault, last added first."""

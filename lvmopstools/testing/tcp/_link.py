@@ -7,7 +7,8 @@ objects, one per direction, that deliver bytes in order, each piece at the
 loop time the data faults gave it, and that stop at a byte budget
 (:class:`~lvmopstools.testing.tcp.faults.CloseAfterBytes`). Delays are
 ``loop.call_at`` timers, so they run in virtual time under a clock; nothing in
-here holds :func:`~lvmopstools.testing.clock.in_flight`.
+here holds :func:`~lvmopstools.testing.clock.in_flight`. :func:`set_reset` makes
+closing a connection's socket send a reset instead of a FIN.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import asyncio
 import logging
 import math
 import socket
+import struct
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from lvmopstools.testing.tcp._endpoint import set_reset
 from lvmopstools.testing.tcp.faults import (
     Blackhole,
     CloseAfterBytes,
@@ -32,9 +33,18 @@ from lvmopstools.testing.tcp.faults import (
 if TYPE_CHECKING:
     from lvmopstools.testing.tcp._endpoint import Endpoint
 
-__all__ = ["Budget", "Link", "Pipe"]
+__all__ = ["Budget", "Link", "Pipe", "set_reset"]
 
 log = logging.getLogger(__name__)
+
+
+def set_reset(sock: Any) -> None:
+    """Make closing ``sock`` send a TCP reset (RST) instead of a FIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        # The socket is already gone; closing it sends nothing either way.
+        log.debug("cannot set SO_LINGER on %r", sock, exc_info=True)
 
 
 class Budget:

@@ -2,7 +2,7 @@
 
 :class:`FaultState` counts the occasions on which a fault was consulted and
 holds the seeded random generators of the fault (jitter, slice sizes) and of
-its :class:`~lvmopstools.testing.tcp.faults.Probability` trigger, so that a
+its :class:`~lvmopstools.testing.tcp.triggers.Probability` trigger, so that a
 run with the same seeds fires on the same occasions. It also keeps the loop
 timers of a fault that acts on its own (a refusal's time window).
 """
@@ -13,11 +13,11 @@ import asyncio
 import random
 import re
 
-from lvmopstools.testing.tcp.faults import (
+from lvmopstools.testing.tcp.faults import Fault
+from lvmopstools.testing.tcp.triggers import (
     AfterN,
     Always,
     EveryKth,
-    Fault,
     FirstN,
     Matches,
     Probability,
@@ -68,3 +68,9 @@ class FaultState:
 
         msg = f"trigger {trigger!r} is not supported by FlakyServer or FaultProxy"
         raise NotImplementedError(msg)
+
+    def cancel_timers(self) -> None:
+        """Cancel the loop timers of the fault (a refusal's window), if any."""
+        for handle in self.handles:
+            handle.cancel()
+        self.handles.clear()

@@ -1,9 +1,10 @@
-"""Faults and triggers for :class:`FlakyServer` and :class:`FaultProxy`, as data.
+"""Faults for :class:`FlakyServer` and :class:`FaultProxy`, as data.
 
 Every fault is a small frozen dataclass with a stable ``kind`` name and
 plain-typed fields, so that a scenario file can describe it; the same goes for
-the trigger that says when it applies. Nothing here does any I/O: the server
-and the proxy read these records and act on them.
+the trigger that says when it applies, defined in
+:mod:`lvmopstools.testing.tcp.triggers` and re-exported here. Nothing here
+does any I/O: the server and the proxy read these records and act on them.
 
 A fault has a *scope*, which says when its trigger is consulted:
 
@@ -35,10 +36,20 @@ duplicated segments, MTU effects), TLS, and UDP.
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
+
+from lvmopstools.testing.tcp._checks import check_count, check_number
+from lvmopstools.testing.tcp.triggers import (
+    AfterN,
+    Always,
+    EveryKth,
+    FirstN,
+    Matches,
+    Probability,
+    TimeWindow,
+    Trigger,
+)
 
 __all__ = [
     "AfterN",
@@ -72,52 +83,6 @@ Scope = Literal["listener", "connection", "data", "reply"]
 _DIRECTIONS = ("upstream", "downstream", "both")
 
 
-def _check_number(
-    owner: str,
-    name: str,
-    value: object,
-    *,
-    positive: bool,
-    infinite: str = "pass a finite value",
-) -> None:
-    """Raise if ``value`` is not a finite real number that is >= 0 (or > 0).
-
-    ``infinite`` tells the user what to do instead of an infinite value.
-    """
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        msg = f"{owner}: {name} must be a number of seconds or bytes, got {value!r}"
-        raise TypeError(msg)
-
-    if not math.isfinite(value):
-        msg = f"{owner}: {name} must be a finite number, got {value!r}; {infinite}"
-        raise ValueError(msg)
-
-    if positive and not value > 0:
-        msg = (
-            f"{owner}: {name} must be greater than 0, got {value!r}; "
-            "pass a positive value"
-        )
-        raise ValueError(msg)
-
-    if not positive and not value >= 0:
-        msg = (
-            f"{owner}: {name} must be 0 or more, got {value!r}; "
-            "pass a non-negative value"
-        )
-        raise ValueError(msg)
-
-
-def _check_count(owner: str, name: str, value: object, *, minimum: int) -> None:
-    """Raise if ``value`` is not an integer of at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        msg = f"{owner}: {name} must be an integer, got {value!r}"
-        raise TypeError(msg)
-
-    if value < minimum:
-        msg = f"{owner}: {name} must be at least {minimum}, got {value!r}"
-        raise ValueError(msg)
-
-
 def _check_direction(owner: str, value: object) -> None:
     """Raise if ``value`` is not one of the three directions."""
     if value not in _DIRECTIONS:
@@ -126,181 +91,6 @@ def _check_direction(owner: str, value: object) -> None:
             f"got {value!r}"
         )
         raise ValueError(msg)
-
-
-# --- triggers -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Trigger:
-    """Base class of the rules that say when a fault applies.
-
-    The server or proxy counts, per fault, the occasions on which the trigger
-    was consulted (see the module docstring for what an occasion is); the
-    count starts at 1.
-    """
-
-    kind: ClassVar[str] = "trigger"
-
-
-@dataclass(frozen=True)
-class Always(Trigger):
-    """Apply on every occasion (the default trigger)."""
-
-    kind: ClassVar[str] = "always"
-
-
-@dataclass(frozen=True)
-class FirstN(Trigger):
-    """Apply on the first ``count`` occasions only.
-
-    Parameters
-    ----------
-    count
-        How many occasions (connections, requests or replies) to affect.
-    """
-
-    kind: ClassVar[str] = "first"
-    count: int
-
-    def __post_init__(self) -> None:
-        _check_count("FirstN", "count", self.count, minimum=1)
-
-
-@dataclass(frozen=True)
-class AfterN(Trigger):
-    """Apply on every occasion after the first ``count`` ones.
-
-    Parameters
-    ----------
-    count
-        How many occasions to let through unaffected first.
-    """
-
-    kind: ClassVar[str] = "after"
-    count: int
-
-    def __post_init__(self) -> None:
-        _check_count("AfterN", "count", self.count, minimum=0)
-
-
-@dataclass(frozen=True)
-class EveryKth(Trigger):
-    """Apply on the ``k``-th, ``2k``-th, ... occasions.
-
-    Parameters
-    ----------
-    k
-        The period; ``EveryKth(1)`` is the same as :class:`Always`.
-    """
-
-    kind: ClassVar[str] = "every"
-    k: int
-
-    def __post_init__(self) -> None:
-        _check_count("EveryKth", "k", self.k, minimum=1)
-
-
-@dataclass(frozen=True)
-class TimeWindow(Trigger):
-    """Apply from ``start`` to ``end`` seconds after the server or proxy opened.
-
-    Times are read from the event loop, so they are virtual seconds when a
-    :class:`~lvmopstools.testing.clock.VirtualClock` is active.
-
-    Parameters
-    ----------
-    start
-        Seconds after opening at which the window opens (inclusive).
-    end
-        Seconds after opening at which the window closes (exclusive), or
-        None for a window that never closes.
-    """
-
-    kind: ClassVar[str] = "window"
-    start: float = 0.0
-    end: float | None = None
-
-    def __post_init__(self) -> None:
-        _check_number("TimeWindow", "start", self.start, positive=False)
-        if self.end is not None:
-            _check_number(
-                "TimeWindow",
-                "end",
-                self.end,
-                positive=False,
-                infinite="use end=None for a window that stays open",
-            )
-            if self.end <= self.start:
-                msg = (
-                    f"TimeWindow: end ({self.end!r}) must be after start "
-                    f"({self.start!r}); use end=None for a window that stays open"
-                )
-                raise ValueError(msg)
-
-    def contains(self, elapsed: float) -> bool:
-        """Return True if ``elapsed`` seconds after opening is inside the window."""
-        return self.start <= elapsed and (self.end is None or elapsed < self.end)
-
-
-@dataclass(frozen=True)
-class Probability(Trigger):
-    """Apply on each occasion with probability ``p``, from a seeded RNG.
-
-    Parameters
-    ----------
-    p
-        The probability, from 0 to 1.
-    seed
-        Seed of the random generator (one generator per active fault), so a
-        run is reproducible.
-    """
-
-    kind: ClassVar[str] = "probability"
-    p: float
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _check_number("Probability", "p", self.p, positive=False)
-        if self.p > 1:
-            msg = f"Probability: p must be between 0 and 1, got {self.p!r}"
-            raise ValueError(msg)
-        _check_count("Probability", "seed", self.seed, minimum=-(2**63))
-
-
-@dataclass(frozen=True)
-class Matches(Trigger):
-    """Apply when the request matches a regular expression.
-
-    The pattern is searched (:func:`re.search`) in the request bytes. Only
-    faults with the ``data`` or ``reply`` scope see a request; for a
-    downstream fault it is the request being answered (for the proxy: the last
-    chunk the client sent on that connection).
-
-    Parameters
-    ----------
-    pattern
-        A bytes regular expression.
-    """
-
-    kind: ClassVar[str] = "match"
-    pattern: bytes
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.pattern, bytes):
-            msg = (
-                f"Matches: pattern must be a bytes regular expression, got "
-                f"{self.pattern!r}; write it as b'...'"
-            )
-            raise TypeError(msg)
-        try:
-            re.compile(self.pattern)
-        except re.error as exc:
-            msg = (
-                f"Matches: pattern {self.pattern!r} is not a valid regular "
-                f"expression ({exc}); fix the pattern"
-            )
-            raise ValueError(msg) from exc
 
 
 # --- faults ---------------------------------------------------------------------
@@ -399,7 +189,7 @@ class CloseOnAccept(Fault):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_number("CloseOnAccept", "delay", self.delay, positive=False)
+        check_number("CloseOnAccept", "delay", self.delay, positive=False)
 
 
 @dataclass(frozen=True)
@@ -420,7 +210,7 @@ class Blackhole(Fault):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.close_after is not None:
-            _check_number(
+            check_number(
                 "Blackhole",
                 "close_after",
                 self.close_after,
@@ -452,7 +242,7 @@ class CloseAfterBytes(Fault):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_count("CloseAfterBytes", "nbytes", self.nbytes, minimum=0)
+        check_count("CloseAfterBytes", "nbytes", self.nbytes, minimum=0)
         _check_direction("CloseAfterBytes", self.direction)
 
 
@@ -472,7 +262,7 @@ class SlowClose(Fault):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_number("SlowClose", "delay", self.delay, positive=False)
+        check_number("SlowClose", "delay", self.delay, positive=False)
 
 
 @dataclass(frozen=True)
@@ -501,8 +291,8 @@ class Latency(Fault):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_number("Latency", "delay", self.delay, positive=False)
-        _check_number("Latency", "jitter", self.jitter, positive=False)
+        check_number("Latency", "delay", self.delay, positive=False)
+        check_number("Latency", "jitter", self.jitter, positive=False)
         _check_direction("Latency", self.direction)
         _check_counted_both("Latency", self.direction, self.trigger)
 
@@ -526,7 +316,7 @@ class Bandwidth(Fault):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_number(
+        check_number(
             "Bandwidth",
             "rate",
             self.rate,
@@ -566,9 +356,9 @@ class Slice(Fault):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_count("Slice", "size", self.size, minimum=1)
-        _check_number("Slice", "delay", self.delay, positive=False)
-        _check_count("Slice", "size_variation", self.size_variation, minimum=0)
+        check_count("Slice", "size", self.size, minimum=1)
+        check_number("Slice", "delay", self.delay, positive=False)
+        check_count("Slice", "size_variation", self.size_variation, minimum=0)
         _check_direction("Slice", self.direction)
         _check_counted_both("Slice", self.direction, self.trigger)
 
@@ -593,7 +383,7 @@ class PartialReply(Fault):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.nbytes is not None:
-            _check_count("PartialReply", "nbytes", self.nbytes, minimum=0)
+            check_count("PartialReply", "nbytes", self.nbytes, minimum=0)
 
 
 @dataclass(frozen=True)
@@ -633,7 +423,7 @@ class CorruptReply(Fault):
         if self.mode not in ("garbage", "flip"):
             msg = f"CorruptReply: mode must be 'garbage' or 'flip', got {self.mode!r}"
             raise ValueError(msg)
-        _check_count("CorruptReply", "nbytes", self.nbytes, minimum=1)
+        check_count("CorruptReply", "nbytes", self.nbytes, minimum=1)
 
 
 @dataclass(frozen=True)

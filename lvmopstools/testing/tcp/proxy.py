@@ -145,7 +145,7 @@ class FaultProxy(Endpoint):
             self.add_fault(fault)
 
     def __repr__(self) -> str:
-        where = f"{self.host}:{self._port}" if self.listening else "not listening"
+        where = f"{self.host}:{self.port}" if self.listening else "not listening"
         target = f"{self.target_host}:{self.target_port}"
         return f"<FaultProxy {self.name!r} {where} -> {target}>"
 

@@ -301,7 +301,7 @@ class FlakyServer(Endpoint):
             self.add_fault(fault)
 
     def __repr__(self) -> str:
-        where = f"{self.host}:{self._port}" if self.listening else "not listening"
+        where = f"{self.host}:{self.port}" if self.listening else "not listening"
         return f"<FlakyServer {self.name!r} {where}>"
 
     def make_link(self, number: int, fired: list[Fault]) -> Link:
