@@ -526,6 +526,52 @@ async def test_restored_after_an_exception() -> None:
     assert_restored(loop)
 
 
+def _fail_scan() -> None:
+    raise RuntimeError("injected: scan failed")
+
+
+def _swap_then_fail(to_fake: bool) -> None:
+    _REAL_SWAP(to_fake)
+    if to_fake:
+        raise RuntimeError("injected: swap failed after swapping")
+
+
+def _fail_proxy(*args: Any) -> None:
+    raise RuntimeError("injected: no selector proxy")
+
+
+_REAL_SWAP = _clock_patch._swap
+START_FAILURES = {
+    "scan": (_clock_patch, "_scan_new_modules", _fail_scan),
+    "swap": (_clock_patch, "_swap", _swap_then_fail),
+    "proxy": (_clock_io, "SelectorProxy", _fail_proxy),
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("failure", START_FAILURES.values(), ids=START_FAILURES.keys())
+async def test_a_failed_start_leaves_everything_real(
+    failure: tuple[Any, str, Callable[..., None]],
+) -> None:
+    loop = asyncio.get_running_loop()
+    handle = loop.call_later(60, lambda: None)
+    when = handle.when()
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(*failure)
+            with pytest.raises(RuntimeError, match=r"^injected: "):
+                await VirtualClock().__aenter__()
+
+        assert_restored(loop)
+        assert handle.when() == when
+        async with VirtualClock() as clock:  # the next clock starts normally
+            await asyncio.sleep(5)
+        assert clock.time() == 5
+    finally:
+        handle.cancel()
+
+
 @pytest.mark.asyncio
 async def test_pending_timers_keep_their_remaining_delay_after_exit() -> None:
     loop = asyncio.get_running_loop()

@@ -373,9 +373,17 @@ def install(loop: AbstractEventLoop, source: WallSource) -> None:
     with _lock:
         first = not _clocks
         _clocks[loop] = source
-        if first:
+        if not first:
+            return
+
+        try:
             _scan_new_modules()
             _swap(to_fake=True)
+        except BaseException:
+            # Leave nothing half-replaced: put back what was swapped already.
+            del _clocks[loop]
+            _swap(to_fake=False)
+            raise
 
 
 def uninstall(loop: AbstractEventLoop) -> None:

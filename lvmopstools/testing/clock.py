@@ -310,11 +310,28 @@ class VirtualClock(_clock_driver.ClockDriver):
         # amount and keep their remaining delay; loop time never goes back.
         real_now = _clock_patch.real_monotonic()
         self._origin = self._now = math.ceil(real_now * _GRID) / _GRID
+        shift = self._origin - real_now
         for handle in loop_any._scheduled:
-            handle._when += self._origin - real_now
+            handle._when += shift
         self._wall_origin = _start_epoch(self._start)
         self._perf_origin = _clock_patch.real_perf_counter()
 
+        try:
+            self._patch_loop(loop)
+        except BaseException:
+            # A failure half-way leaves the loop and the time functions real.
+            while self._undo:
+                self._undo.pop()()
+            for handle in loop_any._scheduled:
+                handle._when -= shift
+            raise
+
+        self._active = True
+        log.debug("virtual clock started at wall time %.6f", self._wall_origin)
+
+    def _patch_loop(self, loop: selector_events.BaseSelectorEventLoop) -> None:
+        """Replace the loop's attributes and the time functions; record undos."""
+        loop_any = cast(Any, loop)
         self._replace_attribute(loop_any, "time", self.loop_time)
         real_run_in_executor = loop.run_in_executor
 
@@ -340,8 +357,6 @@ class VirtualClock(_clock_driver.ClockDriver):
         self._replace_attribute(loop_any, "_selector", proxy)
         _clock_patch.install(loop, self)
         self._undo.append(lambda: _clock_patch.uninstall(loop))
-        self._active = True
-        log.debug("virtual clock started at wall time %.6f", self._wall_origin)
 
     def _replace_attribute(self, obj: Any, name: str, value: Any) -> None:
         """Set ``obj.name`` and remember how to put the old state back."""
