@@ -346,9 +346,9 @@ def _info_row(
 def _floor_row(latency: dict[str, float]) -> Row:
     """Return the informative row of the least round trip any proxy can reach.
 
-    A proxy that ends the client's TCP connection and opens its own to the
-    server adds two loopback hops to each round trip (one each way), whatever
-    it does in between.
+    A user-space proxy that ends the client's TCP connection and opens its own
+    to the server adds two loopback hops to each round trip (one each way),
+    whatever it does in between.
     """
     floor = latency["direct"] + 2 * latency["hop"]
     note = (
@@ -358,7 +358,7 @@ def _floor_row(latency: dict[str, float]) -> Row:
     return Row(
         RTT_CASE,
         latency["FaultProxy"],
-        "floor for any TCP proxy",
+        "floor, user-space proxy",
         floor,
         "us/rtt",
         floor / latency["direct"],

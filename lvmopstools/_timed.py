@@ -17,7 +17,7 @@ import asyncio
 import math
 import time
 from collections.abc import Iterable
-from typing import Any, SupportsIndex
+from typing import Any, Self, SupportsIndex
 
 from clu.command import TimedCommandList
 
@@ -47,8 +47,10 @@ class LazyTimedCommandList(TimedCommandList):  # type: ignore[misc]  # clu is un
 
     Raises
     ------
+    TypeError
+        If ``resolution`` is not a number.
     ValueError
-        If ``resolution`` is not a positive finite number.
+        If ``resolution`` is not positive and finite.
 
     .. note::
         Like clu's list, this one is not thread-safe: add commands from the
@@ -61,10 +63,14 @@ class LazyTimedCommandList(TimedCommandList):  # type: ignore[misc]  # clu is un
         resolution: float = 0.5,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
+        if isinstance(resolution, bool) or not isinstance(resolution, int | float):
+            msg = f"resolution must be a number of seconds, got {resolution!r}"
+            raise TypeError(msg)
+
         if not 0 < resolution < math.inf:
             msg = (
-                f"resolution must be a positive number of seconds, got {resolution!r}"
-                " (clu's default is 0.5)"
+                f"resolution must be a positive, finite number of seconds, got "
+                f"{resolution!r} (clu's default is 0.5)"
             )
             raise ValueError(msg)
 
@@ -93,7 +99,7 @@ class LazyTimedCommandList(TimedCommandList):  # type: ignore[misc]  # clu is un
         super().insert(index, item)
         self._added.set()
 
-    def __iadd__(self, items: Iterable[Any]) -> LazyTimedCommandList:
+    def __iadd__(self, items: Iterable[Any]) -> Self:
         super().__iadd__(items)
         self._added.set()
         return self

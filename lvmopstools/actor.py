@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 from clu.actor import AMQPActor
+from clu.command import TimedCommandList
 from clu.model import Property
 from clu.parsers.click import CluCommand
 
@@ -118,6 +119,9 @@ class LVMActor(AMQPActor):  # type: ignore[misc]
     #: Seconds :meth:`stop` waits for replies still being published.
     DRAIN_TIMEOUT: ClassVar[float] = 5.0
 
+    #: The actor's timed commands (see the note above).
+    timed_commands: LazyTimedCommandList
+
     def __init__(
         self,
         *args: Any,
@@ -136,8 +140,13 @@ class LVMActor(AMQPActor):  # type: ignore[misc]
 
         super().__init__(*args, **kwargs)
 
-        # clu's own list polls twice a second even when it is empty.
-        self.timed_commands = LazyTimedCommandList(self)
+        # clu's own list polls twice a second even when it is empty. A class
+        # below this one in the MRO may have added commands to it already.
+        clus: TimedCommandList = self.timed_commands
+        self.timed_commands = LazyTimedCommandList(
+            self, resolution=clus.resolution, loop=clus.loop
+        )
+        self.timed_commands.extend(clus)
         self.state = ActorState(0)
         self.check_interval = check_interval
         self.restart_after = restart_after

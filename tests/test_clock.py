@@ -557,15 +557,18 @@ async def test_a_failed_start_leaves_everything_real(
     handle = loop.call_later(60, lambda: None)
     when = handle.when()
 
+    clock = VirtualClock()
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(*failure)
             with pytest.raises(RuntimeError, match=r"^injected: "):
-                await VirtualClock().__aenter__()
+                await clock.__aenter__()
 
         assert_restored(loop)
         assert handle.when() == when
-        async with VirtualClock() as clock:  # the next clock starts normally
+        assert clock.loop is None
+        assert not clock.active
+        async with clock:  # the same clock can be entered again
             await asyncio.sleep(5)
         assert clock.time() == 5
     finally:

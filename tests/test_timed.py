@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import re
 from collections.abc import Callable
 from typing import Any
 
 import click
 import pytest
 from _actor_support import QuietActor
+from clu.actor import AMQPActor
 from clu.command import TimedCommand, TimedCommandList
 from clu.parsers.click import CluCommand
 
@@ -61,12 +64,113 @@ def test_lvmactor_polls_with_the_lazy_list() -> None:
     assert actor.timed_commands.resolution == 0.5
 
 
+class _StatusPolling(AMQPActor):  # type: ignore[misc]  # clu is untyped
+    """A downstream actor mixin that adds a timed command in its __init__."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.timed_commands.add_command("status", delay=60)
+
+
+class _PollingActor(QuietActor, _StatusPolling):
+    """An LVMActor whose MRO runs _StatusPolling.__init__ before LVMActor's."""
+
+
+def test_commands_added_below_lvmactor_in_the_mro_are_kept() -> None:
+    actor = _PollingActor(name="polling", url="amqp://guest:guest@127.0.0.1:1/")
+
+    assert type(actor.timed_commands) is LazyTimedCommandList
+    assert [c.command_string for c in actor.timed_commands] == ["status"]
+    assert actor.timed_commands[0].delay == 60
+
+
 @pytest.mark.parametrize("resolution", [0, -0.5, float("nan"), float("inf")])
 def test_a_resolution_that_is_not_positive_is_refused(resolution: float) -> None:
     actor = _TickingActor(name="bad-list", url="amqp://guest:guest@127.0.0.1:1/")
 
-    with pytest.raises(ValueError, match=r"resolution must be a positive .*got"):
+    message = (
+        rf"^resolution must be a positive, finite number of seconds, got "
+        rf"{re.escape(repr(resolution))} \(clu's default is 0\.5\)$"
+    )
+    with pytest.raises(ValueError, match=message):
         LazyTimedCommandList(actor, resolution=resolution)
+
+
+@pytest.mark.parametrize("resolution", ["0.5", True, None])
+def test_a_resolution_that_is_not_a_number_is_refused(resolution: object) -> None:
+    actor = _TickingActor(name="bad-list", url="amqp://guest:guest@127.0.0.1:1/")
+
+    shown = re.escape(repr(resolution))
+    message = rf"^resolution must be a number of seconds, got {shown}$"
+    with pytest.raises(TypeError, match=message):
+        LazyTimedCommandList(actor, resolution=resolution)  # type: ignore[arg-type]
+
+
+class _RecordedCommand(TimedCommand):  # type: ignore[misc]  # clu is untyped
+    """A timed command that records the virtual second it ran at, no actor."""
+
+    def __init__(self, runs: list[float], delay: float) -> None:
+        super().__init__("recorded", delay=delay)
+        self.runs = runs
+
+    async def run(self, actor: Any) -> None:
+        clock = current_clock()
+        assert clock is not None, "the command must run under the virtual clock"
+        self.runs.append(clock.time())
+
+
+@pytest.mark.asyncio
+async def test_an_empty_list_schedules_no_timer() -> None:
+    calls = 0
+
+    async with VirtualClock(start=START, quiet_period=0) as clock:
+        loop = asyncio.get_running_loop()
+        real_call_at = loop.call_at
+
+        def counting_call_at(*args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+            nonlocal calls
+            calls += 1
+            return real_call_at(*args, **kwargs)
+
+        timed = LazyTimedCommandList(object())
+        timed.start()
+        await clock.advance(1)
+        loop.call_at = counting_call_at  # type: ignore[method-assign]
+        try:
+            await clock.advance(3600)
+        finally:
+            del loop.call_at
+            await timed.stop()
+
+    # clu's list would have slept 7,200 times in that hour.
+    assert calls == 0
+
+
+async def _restart_schedule(list_class: type[Any]) -> list[float]:
+    """Run a command (delay 10 s) for 2 s, stop and start: its run times."""
+    runs: list[float] = []
+    async with VirtualClock(start=START, quiet_period=0) as clock:
+        timed = list_class(object())
+        timed.append(_RecordedCommand(runs, delay=10))
+        timed.start()
+        await clock.advance(2)
+        await timed.stop()
+
+        timed.start()
+        await clock.advance(2)
+        await timed.stop()
+    return runs
+
+
+@pytest.mark.asyncio
+async def test_the_first_round_after_a_start_ignores_delay() -> None:
+    clus = await _restart_schedule(TimedCommandList)
+    ours = await _restart_schedule(LazyTimedCommandList)
+
+    # The command last ran at t=0; at t=2 its 10 s delay has not passed, but
+    # the first round after the second start runs it anyway.
+    assert ours == clus
+    assert ours == [0.0, 2.0]
 
 
 @pytest.mark.asyncio

@@ -295,11 +295,11 @@ class VirtualClock(_clock_driver.ClockDriver):
         return loop
 
     def _start_on(self, loop: selector_events.BaseSelectorEventLoop) -> None:
-        """Replace the loop's clock, selector and executor hook."""
-        # Limitation: this relies on private attributes of CPython 3.11's
-        # BaseEventLoop and BaseSelectorEventLoop: _selector (replaced by a
-        # proxy), _scheduled (the timer heap, read for the next timer and
-        # shifted on exit), _ssock (the self-pipe) and TimerHandle._when.
+        """Set the clock's origins on ``loop``, then patch it (see _patch_loop).
+
+        A failure on the way puts back what was done, timers included, and
+        leaves the clock as it was before: not started, and free to enter.
+        """
         loop_any = cast(Any, loop)
         self._entered = True
         self._loop = loop
@@ -311,26 +311,36 @@ class VirtualClock(_clock_driver.ClockDriver):
         real_now = _clock_patch.real_monotonic()
         self._origin = self._now = math.ceil(real_now * _GRID) / _GRID
         shift = self._origin - real_now
-        for handle in loop_any._scheduled:
-            handle._when += shift
-        self._wall_origin = _start_epoch(self._start)
-        self._perf_origin = _clock_patch.real_perf_counter()
-
+        shifted: list[Any] = []  # TimerHandles, through their private _when
         try:
+            for handle in loop_any._scheduled:
+                handle._when += shift
+                shifted.append(handle)
+            self._wall_origin = _start_epoch(self._start)
+            self._perf_origin = _clock_patch.real_perf_counter()
             self._patch_loop(loop)
         except BaseException:
-            # A failure half-way leaves the loop and the time functions real.
             while self._undo:
                 self._undo.pop()()
-            for handle in loop_any._scheduled:
+            for handle in shifted:
                 handle._when -= shift
+            self._entered = False
+            self._loop = None
             raise
 
         self._active = True
         log.debug("virtual clock started at wall time %.6f", self._wall_origin)
 
     def _patch_loop(self, loop: selector_events.BaseSelectorEventLoop) -> None:
-        """Replace the loop's attributes and the time functions; record undos."""
+        """Patch the loop's clock, selector and executor hook, and time functions.
+
+        The undo of each step goes to ``_undo``, in order.
+        """
+        # Limitation: this relies on private attributes of CPython 3.11's
+        # BaseEventLoop and BaseSelectorEventLoop: _selector (replaced by a
+        # proxy), _scheduled (the timer heap, read for the next timer and
+        # shifted on start and exit), _ssock (the self-pipe) and
+        # TimerHandle._when.
         loop_any = cast(Any, loop)
         self._replace_attribute(loop_any, "time", self.loop_time)
         real_run_in_executor = loop.run_in_executor

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 
 class FaultInjection:
-    """The fault-injection controls of :class:`MockBroker`, as its base class.
+    """The fault-injection controls of the mock broker, as its base class.
 
     Its methods are :class:`~lvmopstools.testing.amqp.MockBroker` methods:
     :meth:`inject`, :meth:`clear_faults` and :meth:`restart`, and the private
