@@ -297,8 +297,8 @@ class VirtualClock(_clock_driver.ClockDriver):
     def _start_on(self, loop: selector_events.BaseSelectorEventLoop) -> None:
         """Set the clock's origins on ``loop``, then patch it (see _patch_loop).
 
-        A failure on the way puts back what was done, timers included, and
-        leaves the clock as it was before: not started, and free to enter.
+        A failure on the way puts back what was patched and leaves the clock
+        as it was before: not started, and free to enter.
         """
         loop_any = cast(Any, loop)
         self._entered = True
@@ -306,28 +306,24 @@ class VirtualClock(_clock_driver.ClockDriver):
         # Virtual loop time starts at the next multiple of 2**-16 s (15 us) of
         # the real loop time, so that sums of binary fractions (0.25, 0.5 s)
         # stay exact: clock.time() reads 250, not 249.99999999999997, after a
-        # thousand 0.25 s sleeps. Timers already scheduled move by the same
-        # amount and keep their remaining delay; loop time never goes back.
+        # thousand 0.25 s sleeps.
         real_now = _clock_patch.real_monotonic()
         self._origin = self._now = math.ceil(real_now * _GRID) / _GRID
-        shift = self._origin - real_now
-        shifted: list[Any] = []  # TimerHandles, through their private _when
         try:
-            for handle in loop_any._scheduled:
-                handle._when += shift
-                shifted.append(handle)
             self._wall_origin = _start_epoch(self._start)
             self._perf_origin = _clock_patch.real_perf_counter()
             self._patch_loop(loop)
         except BaseException:
             while self._undo:
                 self._undo.pop()()
-            for handle in shifted:
-                handle._when -= shift
             self._entered = False
             self._loop = None
             raise
 
+        # Timers already scheduled move with loop time and keep their remaining
+        # delay; loop time never goes back.
+        for handle in loop_any._scheduled:
+            handle._when += self._origin - real_now
         self._active = True
         log.debug("virtual clock started at wall time %.6f", self._wall_origin)
 
